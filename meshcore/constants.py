@@ -1,0 +1,65 @@
+"""Numbers shared by the kernel programs, the node agent, the ztunnel and the CLI.
+
+Defined once here; `fastpath.abi` generates `bpf/include/meshlane_consts.h` from this
+module, so the C side never carries a hand-copied value.
+"""
+from __future__ import annotations
+
+# --- ports (Istio ambient's numbers) -----------------------------------------------
+PORT_OUTBOUND = 15001        # in-pod: redirected app connections (original dst in map)
+PORT_INBOUND_PLAIN = 15006   # in-pod: plaintext arriving at an enrolled pod
+PORT_HBONE = 15008           # in-pod: mTLS + HTTP/2 CONNECT tunnels
+PORT_ADMIN = 15000           # ztunnel admin (loopback of the node)
+PORT_STATS = 15020           # prometheus metrics
+PORT_READY = 15021           # /healthz/ready
+
+# --- socket marks --------------------------------------------------------------------
+# Every socket the ztunnel opens carries MARK_ZTUNNEL in its low 12 bits, so connect4 and
+# the in-pod TC egress program let it through.  Sockets the ztunnel opens *to the app*
+# inside the destination pod additionally carry MARK_INBOUND_BIT: with
+# net.ipv4.tcp_fwmark_accept=1 the app's accepted socket inherits the mark, and a policy
+# route sends the app's replies (addressed to the spoofed client IP) back over lo to the
+# ztunnel's transparent socket instead of out of eth0.
+MARK_ZTUNNEL = 0x539
+MARK_MASK = 0xFFF
+MARK_INBOUND_BIT = 0x1000
+MARK_INBOUND = MARK_ZTUNNEL | MARK_INBOUND_BIT
+INBOUND_ROUTE_TABLE = 0x539  # per-pod policy routing table for the marked replies
+INBOUND_RULE_PRIORITY = 1539
+
+# --- identity ------------------------------------------------------------------------
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+ROOT_NAMESPACE = "istio-system"
+CERT_TTL_SECONDS = 24 * 3600
+
+# --- labels -------------------------------------------------------------------------
+LABEL_DATAPLANE_MODE = "istio.io/dataplane-mode"
+DATAPLANE_AMBIENT = "ambient"
+DATAPLANE_NONE = "none"
+
+# --- HBONE / HTTP/2 (ztunnel's settings, DESIGN.md §4) ------------------------------
+H2_STREAM_WINDOW = 4 * 1024 * 1024
+H2_CONNECTION_WINDOW = 16 * 1024 * 1024
+H2_MAX_FRAME_SIZE = 1024 * 1024
+H2_SERVER_MAX_CONCURRENT_STREAMS = 200
+H2_PING_INTERVAL_S = 10.0
+H2_PING_TIMEOUT_S = 20.0
+POOL_MAX_STREAMS_PER_CONN = 100
+POOL_IDLE_TIMEOUT_S = 300.0
+
+# --- exit codes (sysexits) -----------------------------------------------------------
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+# --- BPF pin layout -----------------------------------------------------------------
+BPFFS = "/sys/fs/bpf"
+PIN_ROOT = "/sys/fs/bpf/meshlane"   # /<node>/{maps,progs,links}/...
+CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
