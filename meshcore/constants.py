@@ -63,3 +63,37 @@ EX_CONFIG = 78
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = "/sys/fs/bpf/meshlane"   # /<node>/{maps,progs,links}/...
 CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+
+# --- kernel ABI ------------------------------------------------------------------------
+# Bumped whenever a map key/leaf layout changes; the loader refuses to reuse pinned maps
+# of another version (it names the pin directory to remove).
+ABI_VERSION = 1
+
+# Map names (<= 15 chars, the kernel's BPF_OBJ_NAME_LEN - 1).
+MAP_PODS = "mesh_pods"          # netns cookie -> enrolled pod
+MAP_SK_DST = "mesh_sk_dst"      # socket cookie -> original destination (connect4 -> sockops, getpeername)
+MAP_ORIG_DST = "mesh_orig_dst"  # (netns cookie, client port) -> original destination (for the ztunnel)
+MAP_LISTENERS = "mesh_listen"   # sockhash (pod ip, kind) -> ztunnel listener (sk_lookup)
+MAP_INB_PASS = "mesh_inb_pass"  # ztunnel -> app connections sk_lookup must not steer
+MAP_VETH = "mesh_veth"          # host-side veth ifindex -> pod ip (anti-spoofing)
+MAP_COUNTERS = "mesh_counters"  # per-cpu u64 per counter id below
+
+LISTENER_HBONE = 0
+LISTENER_PLAIN = 1
+
+POD_F_ENROLLED = 0x1
+
+# Counter ids: one name each, in this order.  Shared by the C programs (generated header)
+# and `meshlane bpf counters`; a new counter goes at the end.
+COUNTERS = (
+    "connect_redirected",     # connect4 rewrote an app connect to 15001
+    "connect_ztunnel_skip",   # connect4 saw the ztunnel's mark and left it alone
+    "connect_local_skip",     # loopback or own-pod destination, left alone
+    "orig_dst_published",     # sockops stored the original destination for the ztunnel
+    "getpeer_restored",       # getpeername4 showed the dialled address
+    "lookup_hbone",           # sk_lookup steered a SYN to the HBONE listener
+    "lookup_plain",           # sk_lookup steered a plaintext SYN to 15006
+    "lookup_no_listener",     # enrolled pod, ztunnel listener missing: refused (fail closed)
+    "egress_syn_dropped",     # in-pod TC egress dropped a SYN that was not the ztunnel's
+    "spoof_dropped",          # host-veth TC ingress dropped a packet with a foreign source IP
+)

@@ -1,0 +1,1 @@
+"""meshlane: the composition root (CLI, control plane, node agent, ztunnel entry, lab)."""

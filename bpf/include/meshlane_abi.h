@@ -1,0 +1,109 @@
+/* meshlane kernel/user ABI: every struct that crosses the boundary, and every map.
+ *
+ * Rules: explicit padding, no bitfields, byte order of each field in a comment, a size
+ * assert per struct.  fastpath/abi.py mirrors each struct with ctypes and
+ * tests/unit/test_abi.py checks the mirrors against what clang laid out here.
+ * Maps are pinned under MESH_PIN_DIR (set by the loader: /sys/fs/bpf/meshlane/<node>/maps)
+ * so enrolled pods keep working while the node agent restarts.
+ */
+#ifndef MESHLANE_ABI_H
+#define MESHLANE_ABI_H
+
+#include "meshlane_consts.h"
+
+#ifndef MESH_PIN_DIR
+#error "MESH_PIN_DIR must be defined by the loader"
+#endif
+
+#define MESH_PIN(name) MESH_PIN_DIR "/" #name
+
+/* mesh_pods: netns cookie (host u64) -> enrolled pod */
+struct mesh_pod_info {
+	__u32 ip;      /* be: the pod's IPv4 address */
+	__u32 flags;   /* host: MESH_POD_F_* */
+	__u32 pod_id;  /* host: node-local pod number */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct mesh_pod_info) == 16, "mesh_pod_info");
+
+/* mesh_sk_dst: socket cookie (host u64) -> original destination;
+ * mesh_orig_dst: (netns cookie, client port) -> original destination */
+struct mesh_dst {
+	__u32 ip;    /* be */
+	__u16 port;  /* be */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct mesh_dst) == 8, "mesh_dst");
+
+struct mesh_orig_key {
+	__u64 netns;  /* host: netns cookie of the client pod */
+	__u16 port;   /* host: client's ephemeral port (its connection to 127.0.0.1:15001) */
+	__u16 pad;
+	__u32 pad2;
+};
+_Static_assert(sizeof(struct mesh_orig_key) == 16, "mesh_orig_key");
+
+/* mesh_listen (sockhash): (pod ip, listener kind) -> ztunnel listening socket */
+struct mesh_listen_key {
+	__u32 ip;    /* be: the pod's IPv4 address */
+	__u32 kind;  /* host: MESH_LISTENER_* */
+};
+_Static_assert(sizeof(struct mesh_listen_key) == 8, "mesh_listen_key");
+
+/* mesh_inb_pass: connections the ztunnel itself opens to the app inside the pod (with
+ * the client's address as source, over lo).  sk_lookup cannot see socket marks and the
+ * kernel reports eth0 as their ingress device, so the ztunnel names each one here for
+ * the duration of its connect(). */
+struct mesh_pass_key {
+	__u32 remote_ip;    /* be: the (spoofed) client address */
+	__u32 local_ip;     /* be: the pod's address */
+	__u16 remote_port;  /* be */
+	__u16 pad;
+	__u32 pad2;
+};
+_Static_assert(sizeof(struct mesh_pass_key) == 16, "mesh_pass_key");
+
+/* mesh_veth: host-side veth ifindex (host u32) -> the only source IP allowed from it */
+struct mesh_veth_info {
+	__u32 pod_ip;  /* be */
+	__u32 pod_id;  /* host */
+};
+_Static_assert(sizeof(struct mesh_veth_info) == 8, "mesh_veth_info");
+
+BPF_TABLE_PINNED("hash", __u64, struct mesh_pod_info, mesh_pods, 4096, MESH_PIN(mesh_pods));
+BPF_TABLE_PINNED("lru_hash", __u64, struct mesh_dst, mesh_sk_dst, 65536, MESH_PIN(mesh_sk_dst));
+BPF_TABLE_PINNED("lru_hash", struct mesh_orig_key, struct mesh_dst, mesh_orig_dst, 65536,
+		 MESH_PIN(mesh_orig_dst));
+BPF_TABLE_PINNED("lru_hash", struct mesh_pass_key, __u32, mesh_inb_pass, 65536,
+		 MESH_PIN(mesh_inb_pass));
+BPF_TABLE_PINNED("hash", __u32, struct mesh_veth_info, mesh_veth, 4096, MESH_PIN(mesh_veth));
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_counters, MESH_CNT_MAX, MESH_PIN(mesh_counters));
+
+/* bcc has no pinned sockhash macro; this is BPF_SOCKHASH's table layout with the pin
+ * path in the section name, which bcc's loader understands for every map type. */
+struct mesh_listen_table_t {
+	struct mesh_listen_key key;
+	int leaf;
+	struct bpf_sock *(*lookup)(struct mesh_listen_key *);
+	int (*update)(struct mesh_listen_key *, int *);
+	int (*delete)(struct mesh_listen_key *);
+	int (*sock_hash_update)(void *, void *, u64);
+	int (*msg_redirect_hash)(void *, void *, u64);
+	int (*sk_redirect_hash)(void *, void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" MESH_PIN(mesh_listen))))
+struct mesh_listen_table_t mesh_listen = { .max_entries = 8192 };
+BPF_ANNOTATE_KV_PAIR(mesh_listen, struct mesh_listen_key, int);
+
+/* bcc declares bpf_get_socket_cookie as returning u32; the helper returns a u64. */
+#define mesh_socket_cookie(ctx) ((__u64 (*)(void *))BPF_FUNC_get_socket_cookie)(ctx)
+
+static __always_inline void mesh_count(__u32 id)
+{
+	__u64 *v = mesh_counters.lookup(&id);
+	if (v)
+		*v += 1;
+}
+
+#endif

@@ -1,0 +1,63 @@
+/* cgroup/connect4 and cgroup/getpeername4: redirection of enrolled pods' connects.
+ *
+ * Attached to the cgroup-v2 root by each node agent; acts only on sockets whose netns
+ * cookie is in this node's mesh_pods, so several node agents can share one kernel.
+ *
+ * Precedence in mesh_connect4 (first match wins):
+ *   1. not TCP, or netns not enrolled on this node           -> untouched
+ *   2. socket carries the ztunnel mark (mark & MASK == 0x539) -> untouched (ztunnel's own)
+ *   3. destination is loopback or the pod's own IP            -> untouched
+ *   4. otherwise remember the dialled address by socket cookie and rewrite the
+ *      destination to 127.0.0.1:15001 (the pod's ztunnel outbound listener)
+ */
+#include "meshlane_abi.h"
+
+#define MESH_LOOPBACK_NET 0x7f000000u   /* 127.0.0.0/8, host order */
+
+int mesh_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct mesh_pod_info *pod = mesh_pods.lookup(&netns);
+	if (!pod || !(pod->flags & MESH_POD_F_ENROLLED))
+		return 1;
+
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && (sk->mark & MESH_MARK_MASK) == MESH_MARK_ZTUNNEL) {
+		mesh_count(MESH_CNT_CONNECT_ZTUNNEL_SKIP);
+		return 1;
+	}
+	__u32 dst = ctx->user_ip4;
+	if ((bpf_ntohl(dst) & 0xff000000u) == MESH_LOOPBACK_NET || dst == pod->ip) {
+		mesh_count(MESH_CNT_CONNECT_LOCAL_SKIP);
+		return 1;
+	}
+
+	__u64 cookie = mesh_socket_cookie(ctx);
+	struct mesh_dst orig = {};
+	orig.ip = dst;
+	orig.port = (__u16)ctx->user_port;
+	mesh_sk_dst.update(&cookie, &orig);
+
+	ctx->user_ip4 = bpf_htonl(0x7f000001u);
+	ctx->user_port = bpf_htons(MESH_PORT_OUTBOUND);
+	mesh_count(MESH_CNT_CONNECT_REDIRECTED);
+	return 1;
+}
+
+/* The app asked who it is connected to: show the address it dialled, not 15001. */
+int mesh_getpeer4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001u) ||
+	    ctx->user_port != bpf_htons(MESH_PORT_OUTBOUND))
+		return 1;
+	__u64 cookie = mesh_socket_cookie(ctx);
+	struct mesh_dst *orig = mesh_sk_dst.lookup(&cookie);
+	if (!orig)
+		return 1;
+	ctx->user_ip4 = orig->ip;
+	ctx->user_port = orig->port;
+	mesh_count(MESH_CNT_GETPEER_RESTORED);
+	return 1;
+}
