@@ -1,0 +1,32 @@
+"""HBONE: HTTP/2 CONNECT tunnels over mutual TLS 1.3 (DESIGN.md §4), sans-IO.
+
+    events     what the codec reports (frozen dataclasses) and HboneError
+    authority  the `ip:port` / `[v6]:port` destination in `:authority`
+    codec      HboneClient / HboneServer over h2: bytes in, events out, bytes to send
+    memory     in-memory pipes (plain or TLS via MemoryBIO) for tests, no sockets
+
+Must not: do socket I/O or decide policy; the ztunnel's driver modules do both.
+"""
+from slowpath.hbone.authority import format_authority, parse_authority
+from slowpath.hbone.codec import HboneClient, HboneConnection, HboneServer
+from slowpath.hbone.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    HboneError,
+    PingAcked,
+    RequestRejected,
+    StreamAccepted,
+    StreamEnded,
+    StreamRefused,
+    StreamRequested,
+    StreamReset,
+    WindowOpened,
+)
+
+__all__ = [
+    "ConnectionTerminated", "DataReceived", "Event", "HboneClient", "HboneConnection",
+    "HboneError", "HboneServer", "PingAcked", "RequestRejected", "StreamAccepted",
+    "StreamEnded", "StreamRefused", "StreamRequested", "StreamReset", "WindowOpened",
+    "format_authority", "parse_authority",
+]
