@@ -24,7 +24,8 @@ from pathlib import Path
 
 from meshcore import constants as C
 from meshcore.errors import ConfigError, NeedsRootError
-from fastpath import abi, libbpf
+from fastpath import abi
+from meshcore import bpfsys as libbpf
 
 BPF_SRC = abi.REPO_BPF_DIR / "meshlane.c"
 

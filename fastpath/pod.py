@@ -28,7 +28,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from meshcore import constants as C
 from meshcore import netns
 from meshcore.errors import NotFoundError
-from fastpath import abi, libbpf
+from fastpath import abi
+from meshcore import bpfsys as libbpf
 from fastpath.loader import NodeDatapath
 
 

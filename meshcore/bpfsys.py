@@ -1,4 +1,7 @@
-"""libbpf through ctypes: the calls bcc lacks (pin, get, links, raw map access).
+"""libbpf through ctypes: the bpf(2) calls bcc lacks (pin, get, links, raw map access).
+
+Lives in meshcore beside netns.py because both halves need it: the node agent pins and
+attaches, the ztunnel reads the original destination and registers its listeners.
 
 bcc loads programs and creates maps; everything that must outlive the process (pins,
 links) or that bcc does not wrap (sockhash updates, tcx and sk_lookup links) goes

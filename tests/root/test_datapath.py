@@ -16,7 +16,8 @@ import pytest
 
 from meshcore import constants as C
 from meshcore import netns
-from fastpath import abi, libbpf, loader
+from fastpath import abi, loader
+from meshcore import bpfsys as libbpf
 from fastpath import pod as fpod
 
 pytestmark = pytest.mark.root
