@@ -7,7 +7,7 @@ attach_pod() makes a pod's traffic the mesh's:
   - tcx ingress on the host veth anti-spoofing; mesh_veth[ifindex] = pod IP
   - in-pod policy routing        replies to the ztunnel's spoofed-source connections
                                  (mark 0x1000) are delivered over lo, see constants.py
-Every link is pinned under /sys/fs/bpf/meshlane/<node>/pods/<pod_id>/ so it outlives
+Every link is pinned under /sys/fs/bpf/meshlane/<node>/pods/<ns>_<name>/ so it outlives
 the agent; detach_pod() undoes each step and tolerates steps that were never done, so a
 half-finished attach is always cleaned up by detach.
 Must not: create or delete namespaces or interfaces (the lab / CNI does that).
@@ -36,6 +36,7 @@ from fastpath.loader import NodeDatapath
 @dataclass(frozen=True, kw_only=True)
 class PodRef:
     """What the kernel side needs to know about one pod."""
+    key: str              # pin directory name, unique on the node ("<ns>_<name>")
     pod_id: int
     netns: str            # name under /run/netns or a path (/proc/PID/ns/net)
     ip: str
@@ -96,7 +97,7 @@ def _pod_routing(add: bool) -> None:
 def attach_pod(dp: NodeDatapath, pod: PodRef) -> float:
     """Enrol one pod; returns the seconds it took."""
     t0 = time.monotonic()
-    pdir = dp.pods_dir / str(pod.pod_id)
+    pdir = dp.pods_dir / pod.key
     pdir.mkdir(parents=True, exist_ok=True)
     cookie = netns.cookie_of(pod.netns)
     ip32 = abi.ip_to_be32(pod.ip)
@@ -135,10 +136,10 @@ def attach_pod(dp: NodeDatapath, pod: PodRef) -> float:
     return time.monotonic() - t0
 
 
-def detach_pod(dp: NodeDatapath, pod_id: int, *, pod_netns: str | None = None) -> bool:
+def detach_pod(dp: NodeDatapath, key: str, *, pod_netns: str | None = None) -> bool:
     """Undo attach_pod.  Works from the pins alone (the netns may already be gone).
     Returns False if nothing was attached."""
-    pdir = dp.pods_dir / str(pod_id)
+    pdir = dp.pods_dir / key
     if not pdir.exists():
         return False
     for sub, mapname, ctype in (("netns_cookie", "mesh_pods", ctypes.c_uint64),
@@ -170,7 +171,17 @@ def detach_pod(dp: NodeDatapath, pod_id: int, *, pod_netns: str | None = None) -
     return True
 
 
-def attached_pod_ids(dp: NodeDatapath) -> list[int]:
+def attached_keys(dp: NodeDatapath) -> list[str]:
     if not dp.pods_dir.exists():
         return []
-    return sorted(int(p.name) for p in dp.pods_dir.iterdir() if p.name.isdigit())
+    return sorted(p.name for p in dp.pods_dir.iterdir() if p.is_dir())
+
+
+def pod_key(namespace: str, name: str) -> str:
+    """Pin directory name of a pod: '_' appears in neither namespace nor pod names."""
+    return f"{namespace}_{name}"
+
+
+def pod_number(key: str) -> int:
+    import zlib
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF

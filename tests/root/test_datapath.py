@@ -53,14 +53,14 @@ def two_nodes(lab_network):
         yield lab, pods, dps
     finally:
         for dp in dps.values():
-            for pid in fpod.attached_pod_ids(dp):
-                fpod.detach_pod(dp, pid)
+            for key in fpod.attached_keys(dp):
+                fpod.detach_pod(dp, key)
             dp.close()
             loader.unpin_node(dp.node)
 
 
 def attach(dp, pod, pod_id):
-    return fpod.attach_pod(dp, fpod.PodRef(pod_id=pod_id, netns=pod.netns, ip=pod.ip,
+    return fpod.attach_pod(dp, fpod.PodRef(key=f"p{pod_id}", pod_id=pod_id, netns=pod.netns, ip=pod.ip,
                                            node_netns=pod.node_netns, host_veth=pod.host_veth))
 
 
@@ -197,10 +197,10 @@ def test_detach_and_unpin_leave_nothing(two_nodes):
     c1, s1 = pods["client-1"], pods["server-1"]
     dp = dps["node1"]
     attach(dp, c1, 1)
-    assert (dp.pods_dir / "1" / "sk_lookup").exists()
-    assert fpod.detach_pod(dp, 1, pod_netns=c1.netns) is True
-    assert fpod.detach_pod(dp, 1, pod_netns=c1.netns) is False  # idempotent
-    assert not (dp.pods_dir / "1").exists()
+    assert (dp.pods_dir / "p1" / "sk_lookup").exists()
+    assert fpod.detach_pod(dp, "p1", pod_netns=c1.netns) is True
+    assert fpod.detach_pod(dp, "p1", pod_netns=c1.netns) is False  # idempotent
+    assert not (dp.pods_dir / "p1").exists()
     assert list(libbpf.map_keys(dp.map_fds["mesh_pods"], ctypes.c_uint64)) == []
     assert list(libbpf.map_keys(dp.map_fds["mesh_veth"], ctypes.c_uint32)) == []
     rules = subprocess.run(["ip", "-n", c1.netns, "rule"], capture_output=True, text=True).stdout

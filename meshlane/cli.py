@@ -1,0 +1,405 @@
+"""The `meshlane` command line (click).
+
+Machine output on stdout (`-o short|json|yaml` on listings), progress and warnings on
+stderr, one-line errors `meshlane: <what> (<what to check>)` with sysexits-style codes:
+64 usage, 65 bad input, 66 not found, 69 agent unavailable, 77 needs root.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from meshcore import constants as C
+from meshcore import netns
+from meshcore.errors import BadInputError, MeshError, NeedsRootError, NotFoundError, UsageError
+
+OUTPUT = click.option("-o", "--output", type=click.Choice(["short", "json", "yaml"]), default="short",
+                      show_default=True, help="output format")
+LAB = click.option("--lab", envvar="MESHLANE_LAB", default="ml", show_default=True,
+                   help="lab name (namespaces are <lab>-<node>, <lab>-<pod>)")
+
+
+def emit(data, output: str, table=None) -> None:
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+    elif table is not None:
+        rows = table(data)
+        if rows:
+            widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    else:
+        click.echo(data)
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise NeedsRootError(f"{what} needs root", hint="run with sudo")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """meshlane: a sidecar-less service mesh data plane (BPF fast path, Python ztunnel)."""
+
+
+# --- daemons --------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--state-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--cacerts", type=click.Path(file_okay=False), default=None,
+              help="plug-in CA directory (root-cert.pem, cert-chain.pem, ca-cert.pem, ca-key.pem)")
+@click.option("--trust-domain", default=C.DEFAULT_TRUST_DOMAIN, show_default=True)
+def control(state_dir, socket_path, cacerts, trust_domain) -> None:
+    """Run the control plane (store + CA)."""
+    from meshlane.control import ControlPlane
+    _logging()
+    cp = ControlPlane(state_dir=Path(state_dir), socket_path=Path(socket_path),
+                      cacerts=Path(cacerts) if cacerts else None, trust_domain=trust_domain)
+    asyncio.run(cp.serve())
+
+
+@cli.command()
+@click.option("--name", required=True, help="node name (as pods' spec.nodeName)")
+@click.option("--pin-name", default=None, help="pin directory name (default: the node name)")
+@click.option("--control", "control_socket", required=True)
+@click.option("--zds", required=True, help="unix socket to hand pods to the ztunnel")
+@click.option("--node-netns", default=None)
+def node(name, pin_name, control_socket, zds, node_netns) -> None:
+    """Run the node agent (BPF programs, enrolment)."""
+    from meshlane.node import NodeAgent
+    _need_root("the node agent")
+    _logging()
+    agent = NodeAgent(node=name, pin_name=pin_name or name, control_socket=control_socket,
+                      zds_socket=zds, node_netns=node_netns)
+    asyncio.run(agent.run())
+
+
+@cli.command()
+@click.option("--node", "node_name", required=True)
+@click.option("--control", "control_socket", required=True)
+@click.option("--zds", required=True)
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False))
+@click.option("--maps-dir", required=True, help="the node's pinned maps directory")
+@click.option("--node-netns", default=None, help="netns for 15000/15021 (default: our own)")
+@click.option("--trust-domain", default=C.DEFAULT_TRUST_DOMAIN, show_default=True)
+def ztunnel(node_name, control_socket, zds, token_file, maps_dir, node_netns, trust_domain) -> None:
+    """Run the ztunnel (mTLS + HBONE) for one node."""
+    from slowpath.ztunnel import Ztunnel
+    _need_root("the ztunnel")
+    _logging()
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise NotFoundError(f"cannot read the node token {token_file}: {exc.strerror}") from None
+    zt = Ztunnel(node=node_name, control_socket=control_socket, zds_socket=zds, token=token,
+                 maps_dir=maps_dir, node_netns=node_netns, trust_domain=trust_domain)
+    try:
+        import uvloop  # optional
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(zt.run())
+
+
+# --- lab ------------------------------------------------------------------------------
+
+@cli.group()
+def lab() -> None:
+    """Build, inspect and tear down the netns lab."""
+
+
+@lab.command("up")
+@LAB
+@click.option("--topology", type=click.Path(dir_okay=False), default=None,
+              help="topology YAML (default: node1/node2 with client-1, server-1, server-2, legacy-2)")
+def lab_up(lab, topology) -> None:
+    from meshlane import lab as labmod
+    state = labmod.up(lab, topology)
+    labmod.progress(f"lab {lab!r} is up in {state['ready_seconds']} s "
+                    f"({len(state['nodes'])} nodes, {len(state['pods'])} pods); "
+                    f"tear it down with `meshlane lab down`")
+
+
+@lab.command("down")
+@LAB
+def lab_down(lab) -> None:
+    from meshlane import lab as labmod
+    labmod.down(lab)
+
+
+@lab.command("status")
+@LAB
+@OUTPUT
+def lab_status(lab, output) -> None:
+    from meshlane import lab as labmod
+    st = labmod.status(lab)
+    emit(st, output, table=lambda s: [("POD", "NODE", "NAMESPACE", "SERVICEACCOUNT", "IP", "ENROLLED")] +
+         [(p["name"], p["node"], p["namespace"], p["serviceAccount"], p["ip"], str(p["enrolled"]).lower())
+          for p in s["pods"]])
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@LAB
+@click.argument("pod")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab_exec(lab, pod, cmd) -> None:
+    """Run CMD inside POD's network namespace: meshlane lab exec client-1 -- curl ..."""
+    from meshlane import lab as labmod
+    p = labmod.resolve_pod(lab, pod)
+    try:
+        os.execvp("ip", ["ip", "netns", "exec", p["netns"], *cmd])
+    except OSError as exc:
+        raise MeshError(f"cannot run {cmd[0]!r} in {p['netns']}: {exc.strerror}") from None
+
+
+# --- enrolment ------------------------------------------------------------------------
+
+def _control(lab: str) -> str:
+    from meshlane import lab as labmod
+    labmod.load_state(lab)
+    return str(labmod.LabPaths(lab).control_socket)
+
+
+def _pod_obj(sock: str, ns: str, name: str) -> dict | None:
+    from slowpath.control_client import call, ControlError
+    try:
+        return call(sock, "get", kind="Pod", namespace=ns, name=name)["objects"][0]
+    except (NotFoundError, ControlError):
+        return None
+
+
+def _wait_enrolled(sock: str, ns: str, name: str, want: bool, timeout: float = 30) -> None:
+    from meshlane.lab import wait_for
+    wait_for(f"pod {ns}/{name} to be {'enrolled' if want else 'unenrolled'}",
+             lambda: (lambda o: (o is None and not want) or
+                      (o is not None and bool((o.get("status") or {}).get("enrolled")) == want))(
+                 _pod_obj(sock, ns, name)), timeout)
+
+
+def _netns_ip(ref: str) -> str:
+    with netns.entered(ref):
+        out = subprocess.run(["ip", "-4", "-j", "addr", "show", "scope", "global"],
+                             capture_output=True, text=True).stdout
+    addrs = [a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])]
+    if not addrs:
+        raise BadInputError(f"network namespace {ref} has no global IPv4 address",
+                            hint="configure the pod's interface before attaching it")
+    return addrs[0]
+
+
+def _resolve_target(lab: str, pod: str, namespace: str | None):
+    """-> (control socket, namespace, name, lab pod or None, netns path or None)"""
+    from meshlane import lab as labmod
+    sock = _control(lab)
+    state = labmod.load_state(lab)
+    for p in state["pods"]:
+        if p["name"] == pod and (namespace is None or namespace == p["namespace"]):
+            return sock, p["namespace"], p["name"], p, p["netns"]
+    if "/" in pod or (netns.NETNS_RUN_DIR / pod).exists():
+        path = str(netns.resolve(pod))
+        name = (f"pid-{pod.split('/')[2]}" if pod.startswith("/proc/") else Path(pod).name)
+        return sock, namespace or "default", name, None, path
+    raise NotFoundError(f"no pod {pod!r}: not a pod of lab {lab!r}, a netns under /run/netns, "
+                        "or a /proc/PID/ns/net path",
+                        hint=f"lab pods: {', '.join(p['name'] for p in state['pods'])}")
+
+
+@cli.command()
+@LAB
+@click.argument("pod")
+@click.option("-n", "--namespace", default=None, help="namespace of the pod (netns pods: default 'default')")
+@click.option("--service-account", default="default", show_default=True,
+              help="identity for a pod that is not in the lab")
+@click.option("--node", "node_name", default=None, help="node of a pod that is not in the lab")
+def attach(lab, pod, namespace, service_account, node_name) -> None:
+    """Enrol POD in the mesh (a lab pod, a netns name, or /proc/PID/ns/net)."""
+    from slowpath.control_client import call
+    _need_root("attach")
+    sock, ns, name, labpod, path = _resolve_target(lab, pod, namespace)
+    obj = _pod_obj(sock, ns, name)
+    if obj and (obj.get("status") or {}).get("enrolled"):
+        click.echo(f"pod {ns}/{name} is already attached", err=True)
+        return
+    t0 = time.monotonic()
+    if labpod is None:
+        from meshlane import lab as labmod
+        nodes = labmod.load_state(lab)["nodes"]
+        node_name = node_name or nodes[0]["name"]
+        if node_name not in {n["name"] for n in nodes}:
+            raise UsageError(f"--node {node_name!r} is not a node of lab {lab!r}")
+        call(sock, "put", object={"kind": "Pod", "metadata": {"name": name, "namespace": ns,
+             "labels": {C.LABEL_DATAPLANE_MODE: C.DATAPLANE_AMBIENT}},
+             "spec": {"nodeName": node_name, "serviceAccountName": service_account, "netns": path},
+             "status": {"podIP": _netns_ip(path), "enrolled": False}})
+    else:
+        call(sock, "label", kind="Pod", namespace=ns, name=name,
+             set={C.LABEL_DATAPLANE_MODE: C.DATAPLANE_AMBIENT}, remove=[], overwrite=True)
+    _wait_enrolled(sock, ns, name, True)
+    click.echo(f"attached {ns}/{name} in {(time.monotonic() - t0) * 1000:.0f} ms", err=True)
+
+
+@cli.command()
+@LAB
+@click.argument("pod")
+@click.option("-n", "--namespace", default=None)
+def detach(lab, pod, namespace) -> None:
+    """Take POD out of the mesh; its traffic is plain TCP again."""
+    from slowpath.control_client import call
+    _need_root("detach")
+    sock, ns, name, labpod, path = _resolve_target(lab, pod, namespace)
+    obj = _pod_obj(sock, ns, name)
+    if obj is None or not (obj.get("status") or {}).get("enrolled"):
+        raise UsageError(f"pod {ns}/{name} is not attached", hint="see `meshlane lab status`")
+    if labpod is None:
+        call(sock, "delete", kind="Pod", namespace=ns, name=name)
+    else:
+        call(sock, "label", kind="Pod", namespace=ns, name=name,
+             set={C.LABEL_DATAPLANE_MODE: C.DATAPLANE_NONE}, remove=[], overwrite=True)
+    _wait_enrolled(sock, ns, name, False)
+    click.echo(f"detached {ns}/{name}", err=True)
+
+
+def _parse_labels(items: tuple[str, ...]) -> tuple[dict, list]:
+    sets, removes = {}, []
+    for it in items:
+        if it.endswith("-") and "=" not in it:
+            removes.append(it[:-1])
+        elif "=" in it:
+            k, v = it.split("=", 1)
+            if not k:
+                raise UsageError(f"label {it!r} has an empty key")
+            sets[k] = v
+        else:
+            raise UsageError(f"label {it!r} is neither key=value nor key-")
+    return sets, removes
+
+
+@cli.command()
+@LAB
+@click.argument("kind", type=click.Choice(["namespace", "ns", "pod"]))
+@click.argument("name")
+@click.argument("labels", nargs=-1, required=True)
+@click.option("-n", "--namespace", default="default", help="namespace of a pod")
+@click.option("--overwrite", is_flag=True, help="replace an existing value")
+def label(lab, kind, name, labels, namespace, overwrite) -> None:
+    """Set (key=value) or remove (key-) labels, kubectl style."""
+    from slowpath.control_client import call
+    sock = _control(lab)
+    sets, removes = _parse_labels(labels)
+    k = "Namespace" if kind in ("namespace", "ns") else "Pod"
+    args = {"namespace": namespace} if k == "Pod" else {}
+    if k == "Namespace" and _pod_obj(sock, "", "") is None:
+        from slowpath.control_client import ControlError
+        try:
+            call(sock, "get", kind="Namespace", name=name)
+        except (NotFoundError, ControlError):
+            call(sock, "put", object={"kind": "Namespace", "metadata": {"name": name, "labels": {}}})
+    call(sock, "label", kind=k, name=name, set=sets, remove=removes, overwrite=overwrite, **args)
+    click.echo(f"{k.lower()}/{name} labeled", err=True)
+
+
+# --- inspection -----------------------------------------------------------------------
+
+@cli.group()
+def zc() -> None:
+    """ztunnel configuration (istioctl ztunnel-config style)."""
+
+
+def _zt_dump(lab: str, node_name: str | None, path: str = "/config_dump"):
+    from meshlane import lab as labmod
+    state = labmod.load_state(lab)
+    nodes = {n["name"]: n for n in state["nodes"]}
+    node_name = node_name or next(iter(nodes))
+    if node_name not in nodes:
+        raise UsageError(f"no node {node_name!r} in lab {lab!r}")
+    try:
+        code, body = labmod.http_get_in_netns(nodes[node_name]["netns"], C.PORT_ADMIN, path)
+    except OSError as exc:
+        from meshcore.errors import UnavailableError
+        raise UnavailableError(f"ztunnel admin on {node_name} (127.0.0.1:{C.PORT_ADMIN} in "
+                               f"{nodes[node_name]['netns']}) not reachable: {exc}") from None
+    return json.loads(body)
+
+
+@zc.command("workloads")
+@LAB
+@click.option("--node", "node_name", default=None, help="whose ztunnel to ask (default: first node)")
+@OUTPUT
+def zc_workloads(lab, node_name, output) -> None:
+    dump = _zt_dump(lab, node_name)
+    emit(dump["workloads"], output, table=lambda ws: [("NAMESPACE", "POD NAME", "ADDRESS", "NODE",
+                                                       "PROTOCOL", "IDENTITY")] +
+         [(w["namespace"], w["name"], w["ip"], w["node"], w["protocol"], w["identity"]) for w in ws])
+
+
+@zc.command("connections")
+@LAB
+@click.option("--node", "node_name", default=None)
+@OUTPUT
+def zc_connections(lab, node_name, output) -> None:
+    """Recent connections with their protocol and peer identities."""
+    recent = _zt_dump(lab, node_name, "/connections")
+    emit(recent, output, table=lambda rs: [("DIRECTION", "PROTOCOL", "SRC", "SRC IDENTITY", "DST", "STATUS")] +
+         [(r.get("direction"), r.get("protocol"), r.get("src"), r.get("src_identity") or "-",
+           r.get("dst"), r.get("status", r.get("error", "ok"))) for r in rs])
+
+
+@cli.group()
+def bpf() -> None:
+    """Kernel state of a node."""
+
+
+@bpf.command("counters")
+@LAB
+@click.option("--node", "node_name", default=None)
+@OUTPUT
+def bpf_counters(lab, node_name, output) -> None:
+    from fastpath.loader import NodeDatapath
+    from meshlane import lab as labmod
+    _need_root("reading BPF maps")
+    state = labmod.load_state(lab)
+    names = [n["name"] for n in state["nodes"]] if node_name is None else [node_name]
+    out = {n: NodeDatapath(labmod.LabPaths(lab).pin_name(n)).counters() for n in names}
+    emit(out, output, table=lambda d: [("NODE", "COUNTER", "VALUE")] +
+         [(n, k, v) for n, cs in d.items() for k, v in cs.items()])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="meshlane", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("meshlane: aborted", err=True)
+        return 130
+    except click.UsageError as exc:
+        click.echo(f"meshlane: {exc.format_message()}", err=True)
+        return C.EX_USAGE
+    except MeshError as exc:
+        click.echo(f"meshlane: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""`meshlane control`: the resource store, the CA and the API nodes talk to (istiod's role).
+
+Owns: the persistent store (sqlite under the state dir: Kubernetes-shaped objects keyed
+by kind/namespace/name with a revision), watches, node registration, and CSR signing
+that is node-scoped: a node may only obtain identities of pods scheduled on it, proven
+by the node token it received at registration.  Nodes never see the CA key.
+Must not: touch the kernel or network namespaces.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+from meshcore import constants as C
+from meshcore.errors import BadInputError, MeshError, NotFoundError
+from meshcore.identity import SpiffeId
+from meshlane.ca import CertificateAuthority
+from slowpath.control_client import MAX_LINE
+
+log = logging.getLogger("meshlane.control")
+
+CLUSTER_SCOPED = {"Namespace", "Node"}
+KNOWN_KINDS = {"Namespace", "Node", "Pod"}
+
+
+def key_of(obj: dict) -> tuple[str, str, str]:
+    kind = obj.get("kind")
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if kind not in KNOWN_KINDS:
+        raise BadInputError(f"unknown kind {kind!r} (known: {', '.join(sorted(KNOWN_KINDS))})")
+    if not isinstance(name, str) or not name:
+        raise BadInputError(f"{kind}: metadata.name is required")
+    ns = "" if kind in CLUSTER_SCOPED else (meta.get("namespace") or "default")
+    return kind, ns, name
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(str(path), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, namespace TEXT, name TEXT,"
+                        " body TEXT, rev INTEGER, PRIMARY KEY (kind, namespace, name))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS tokens (node TEXT PRIMARY KEY, digest TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER)")
+        row = self.db.execute("SELECT v FROM meta WHERE k='rev'").fetchone()
+        self.rev = row[0] if row else 0
+
+    def _bump(self) -> int:
+        self.rev += 1
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('rev', ?)", (self.rev,))
+        return self.rev
+
+    def put(self, obj: dict) -> dict:
+        kind, ns, name = key_of(obj)
+        obj = json.loads(json.dumps(obj))
+        obj.setdefault("metadata", {})
+        if ns:
+            obj["metadata"]["namespace"] = ns
+        obj["metadata"]["resourceVersion"] = str(self._bump())
+        self.db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?)",
+                        (kind, ns, name, json.dumps(obj), self.rev))
+        return obj
+
+    def get(self, kind: str, ns: str, name: str) -> dict | None:
+        row = self.db.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
+                              (kind, ns, name)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list(self, kind: str | None = None, ns: str | None = None) -> list[dict]:
+        q, args = "SELECT body FROM objects WHERE 1=1", []
+        if kind:
+            q += " AND kind=?"
+            args.append(kind)
+        if ns is not None:
+            q += " AND namespace=?"
+            args.append(ns)
+        return [json.loads(r[0]) for r in self.db.execute(q + " ORDER BY kind, namespace, name", args)]
+
+    def delete(self, kind: str, ns: str, name: str) -> dict | None:
+        obj = self.get(kind, ns, name)
+        if obj is not None:
+            self.db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
+                            (kind, ns, name))
+            self._bump()
+        return obj
+
+    def set_token(self, node: str, token: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?)",
+                        (node, hashlib.sha256(token.encode()).hexdigest()))
+
+    def check_token(self, node: str, token: str) -> bool:
+        row = self.db.execute("SELECT digest FROM tokens WHERE node=?", (node,)).fetchone()
+        return bool(row) and hmac.compare_digest(row[0], hashlib.sha256(token.encode()).hexdigest())
+
+
+class ControlPlane:
+    def __init__(self, *, state_dir: Path, socket_path: Path, cacerts: Path | None = None,
+                 trust_domain: str = C.DEFAULT_TRUST_DOMAIN, cert_ttl: timedelta | None = None):
+        self.state_dir = state_dir
+        self.socket_path = socket_path
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = Store(state_dir / "store.db")
+        if cacerts is not None:
+            self.ca = CertificateAuthority.from_cacerts_dir(cacerts, trust_domain=trust_domain)
+        else:
+            self.ca = CertificateAuthority.load_or_create(state_dir / "ca", trust_domain=trust_domain)
+        self.trust_domain = trust_domain
+        self.cert_ttl = cert_ttl or timedelta(seconds=C.CERT_TTL_SECONDS)
+        self.watchers: list[tuple[set[str], asyncio.Queue]] = []
+
+    def _notify(self, event: str, obj: dict) -> None:
+        for kinds, q in self.watchers:
+            if obj.get("kind") in kinds:
+                q.put_nowait({"event": event, "object": obj})
+
+    # --- operations --------------------------------------------------------------
+    def op_put(self, object: dict) -> dict:
+        obj = self.store.put(object)
+        self._notify("put", obj)
+        return {"object": obj}
+
+    def op_get(self, kind: str, namespace: str | None = None, name: str | None = None) -> dict:
+        if name is not None:
+            ns = "" if kind in CLUSTER_SCOPED else (namespace or "default")
+            obj = self.store.get(kind, ns, name)
+            if obj is None:
+                raise NotFoundError(f"{kind} {ns + '/' if ns else ''}{name} not found")
+            return {"objects": [obj]}
+        return {"objects": self.store.list(kind, namespace)}
+
+    def op_delete(self, kind: str, name: str, namespace: str | None = None) -> dict:
+        ns = "" if kind in CLUSTER_SCOPED else (namespace or "default")
+        obj = self.store.delete(kind, ns, name)
+        if obj is None:
+            raise NotFoundError(f"{kind} {ns + '/' if ns else ''}{name} not found")
+        self._notify("delete", obj)
+        return {"object": obj}
+
+    def op_label(self, kind: str, name: str, set: dict, remove: list, overwrite: bool = False,
+                 namespace: str | None = None) -> dict:
+        ns = "" if kind in CLUSTER_SCOPED else (namespace or "default")
+        obj = self.store.get(kind, ns, name)
+        if obj is None:
+            raise NotFoundError(f"{kind} {ns + '/' if ns else ''}{name} not found")
+        labels = obj["metadata"].setdefault("labels", {})
+        for k, v in set.items():
+            if k in labels and labels[k] != v and not overwrite:
+                raise BadInputError(f"{kind} {name} already has label {k}={labels[k]}",
+                                    hint="pass --overwrite to replace it")
+            labels[k] = v
+        for k in remove:
+            labels.pop(k, None)
+        return self.op_put(obj)
+
+    def op_set_status(self, kind: str, name: str, status: dict, namespace: str | None = None) -> dict:
+        ns = "" if kind in CLUSTER_SCOPED else (namespace or "default")
+        obj = self.store.get(kind, ns, name)
+        if obj is None:
+            raise NotFoundError(f"{kind} {ns + '/' if ns else ''}{name} not found")
+        obj.setdefault("status", {}).update(status)
+        return self.op_put(obj)
+
+    def op_register_node(self, name: str, spec: dict | None = None) -> dict:
+        token = secrets.token_urlsafe(32)
+        self.store.set_token(name, token)
+        self.op_put({"kind": "Node", "metadata": {"name": name}, "spec": spec or {}})
+        return {"token": token}
+
+    def op_root(self) -> dict:
+        return {"root": self.ca.root_pem.decode(), "trustDomain": self.trust_domain}
+
+    def op_sign(self, node: str, token: str, namespace: str, pod: str, csr: str) -> dict:
+        if not self.store.check_token(node, token):
+            raise MeshError(f"node {node!r} presented a token the control plane did not issue",
+                            hint="re-register the node (`meshlane lab up` does it)")
+        obj = self.store.get("Pod", namespace, pod)
+        if obj is None:
+            raise NotFoundError(f"pod {namespace}/{pod} is not known to the control plane")
+        scheduled = obj.get("spec", {}).get("nodeName")
+        if scheduled != node:
+            raise MeshError(f"node {node!r} asked for the identity of pod {namespace}/{pod}, "
+                            f"which is scheduled on {scheduled!r}: refused (node-scoped CA)")
+        spiffe = SpiffeId(trust_domain=self.trust_domain, namespace=namespace,
+                          service_account=obj.get("spec", {}).get("serviceAccountName", "default"))
+        cert = self.ca.sign_csr(csr.encode(), expected=spiffe, ttl=self.cert_ttl)
+        log.info("signed %s for node %s (pod %s/%s)", spiffe.uri, node, namespace, pod)
+        return {"cert": cert.decode(), "chain": self.ca.chain_pem.decode(),
+                "root": self.ca.root_pem.decode(), "spiffe": spiffe.uri}
+
+    # --- server ------------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                try:
+                    req = json.loads(line)
+                    op = req.pop("op")
+                except (ValueError, KeyError, AttributeError):
+                    writer.write(json.dumps({"ok": False, "error": "request is not JSON with an 'op'",
+                                             "code": C.EX_DATAERR}).encode() + b"\n")
+                    await writer.drain()
+                    continue
+                if op == "watch":
+                    await self._serve_watch(set(req.get("kinds") or KNOWN_KINDS), writer)
+                    return
+                fn = getattr(self, f"op_{op}", None)
+                try:
+                    if fn is None:
+                        raise BadInputError(f"unknown operation {op!r}")
+                    answer = {"ok": True, **fn(**req)}
+                except MeshError as exc:
+                    answer = {"ok": False, "error": str(exc), "code": exc.exit_code}
+                except TypeError as exc:
+                    answer = {"ok": False, "error": f"bad arguments for {op!r}: {exc}",
+                              "code": C.EX_USAGE}
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    async def _serve_watch(self, kinds: set[str], writer: asyncio.StreamWriter) -> None:
+        q: asyncio.Queue = asyncio.Queue()
+        entry = (kinds, q)
+        self.watchers.append(entry)
+        try:
+            snap = [o for o in self.store.list() if o["kind"] in kinds]
+            writer.write(json.dumps({"event": "snapshot", "objects": snap}).encode() + b"\n")
+            await writer.drain()
+            while True:
+                ev = await q.get()
+                writer.write(json.dumps(ev).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.watchers.remove(entry)
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o077)
+        try:
+            server = await asyncio.start_unix_server(self.handle, path=str(self.socket_path),
+                                                     limit=MAX_LINE)
+        finally:
+            os.umask(old)
+        log.info("control plane listening on %s (trust domain %s)", self.socket_path, self.trust_domain)
+        if ready:
+            ready.set()
+        async with server:
+            await server.serve_forever()

@@ -1,0 +1,255 @@
+"""`meshlane node`: the node agent (istio-cni's node agent role).
+
+Owns the node's BPF program set (compiled and pinned once per start), and enrolment:
+it watches the control plane for pods scheduled on its node and for namespace labels,
+decides who is enrolled (pod label istio.io/dataplane-mode wins: `none` keeps a pod
+out, `ambient` takes it in; otherwise the namespace's label decides), and for each
+change (1) hands the pod's netns fd to the ztunnel over ZDS, (2) attaches the pod in
+the kernel, (3) records status.enrolled in the control plane.  Taking a pod out runs
+the same steps backwards.  Never restarts or signals a pod's processes.
+Must not: proxy traffic or hold certificates.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from meshcore import constants as C
+from meshcore import netns
+from meshcore.errors import MeshError, NotFoundError
+from fastpath import loader
+from fastpath import pod as fpod
+from slowpath import control_client, zds
+
+log = logging.getLogger("meshlane.node")
+
+
+def wants_ambient(pod: dict, namespaces: dict[str, dict]) -> bool:
+    labels = pod["metadata"].get("labels") or {}
+    mode = labels.get(C.LABEL_DATAPLANE_MODE)
+    if mode == C.DATAPLANE_NONE:
+        return False
+    if mode == C.DATAPLANE_AMBIENT:
+        return True
+    ns = namespaces.get(pod["metadata"].get("namespace", "default"), {})
+    return (ns.get("metadata", {}).get("labels") or {}).get(C.LABEL_DATAPLANE_MODE) == C.DATAPLANE_AMBIENT
+
+
+class ZdsServer:
+    """One ztunnel connection at a time; every message is acknowledged."""
+
+    def __init__(self, path: str, snapshot):
+        self.path = path
+        self.snapshot = snapshot          # () -> list[(info, netns path)]
+        self.lock = threading.Lock()
+        self.conn: socket.socket | None = None
+
+    def start(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o077)
+        try:
+            self.sock.bind(self.path)
+        finally:
+            os.umask(old)
+        self.sock.listen(4)
+        threading.Thread(target=self._accept, name="zds-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            conn.settimeout(60)
+            with self.lock:
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = conn
+                try:
+                    for info, path in self.snapshot():
+                        self._send_locked({"type": "add", "uid": info["uid"], "pod": info}, path)
+                    self._send_locked({"type": "snapshot_end", "uid": None}, None)
+                    log.info("ztunnel connected; snapshot sent")
+                except OSError as exc:
+                    log.warning("ZDS snapshot failed: %s", exc)
+                    self.conn.close()
+                    self.conn = None
+
+    def _send_locked(self, msg: dict, netns_path: str | None) -> str | None:
+        fd = netns.open_netns(netns_path) if netns_path else None
+        try:
+            zds.send(self.conn, msg, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        ack, _ = zds.recv(self.conn)
+        if ack is None:
+            raise OSError("ztunnel closed the ZDS connection")
+        return ack.get("error")
+
+    def send(self, msg: dict, netns_path: str | None = None) -> str | None:
+        """Returns the ztunnel's error, None on success; raises OSError if not connected."""
+        with self.lock:
+            if self.conn is None:
+                raise OSError("no ztunnel connected")
+            try:
+                return self._send_locked(msg, netns_path)
+            except OSError:
+                self.conn.close()
+                self.conn = None
+                raise
+
+
+class NodeAgent:
+    def __init__(self, *, node: str, pin_name: str, control_socket: str, zds_socket: str,
+                 node_netns: str | None = None):
+        self.node = node
+        self.control_socket = control_socket
+        self.node_netns = node_netns
+        self.dp = loader.NodeDatapath(pin_name)
+        self.pods: dict[str, dict] = {}        # uid -> Pod object (this node only)
+        self.namespaces: dict[str, dict] = {}
+        self.enrolled: dict[str, tuple[dict, str]] = {}  # uid -> (zds info, netns path)
+        self.zds = ZdsServer(zds_socket, lambda: list(self.enrolled.values()))
+        self.changed = asyncio.Event()
+
+    @staticmethod
+    def uid(pod: dict) -> str:
+        return f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
+
+    def _on_event(self, msg: dict) -> None:
+        if msg["event"] == "snapshot":
+            self.pods = {self.uid(o): o for o in msg["objects"]
+                         if o["kind"] == "Pod" and o.get("spec", {}).get("nodeName") == self.node}
+            self.namespaces = {o["metadata"]["name"]: o for o in msg["objects"] if o["kind"] == "Namespace"}
+        else:
+            o = msg["object"]
+            if o["kind"] == "Namespace":
+                if msg["event"] == "delete":
+                    self.namespaces.pop(o["metadata"]["name"], None)
+                else:
+                    self.namespaces[o["metadata"]["name"]] = o
+            elif o["kind"] == "Pod" and o.get("spec", {}).get("nodeName") == self.node:
+                if msg["event"] == "delete":
+                    self.pods.pop(self.uid(o), None)
+                else:
+                    self.pods[self.uid(o)] = o
+        self.changed.set()
+
+    async def watch(self) -> None:
+        while True:
+            try:
+                async for msg in control_client.watch(self.control_socket, ["Pod", "Namespace"]):
+                    self._on_event(msg)
+            except MeshError as exc:
+                log.warning("control watch: %s; retrying", exc)
+            await asyncio.sleep(0.5)
+
+    def _desired(self) -> dict[str, dict]:
+        return {uid: p for uid, p in self.pods.items()
+                if wants_ambient(p, self.namespaces) and p.get("spec", {}).get("netns")
+                and (p.get("status") or {}).get("podIP")}
+
+    def enrol(self, pod: dict) -> None:
+        uid = self.uid(pod)
+        meta, spec, status = pod["metadata"], pod["spec"], pod["status"]
+        key = fpod.pod_key(meta.get("namespace", "default"), meta["name"])
+        info = {"uid": uid, "name": meta["name"], "namespace": meta.get("namespace", "default"),
+                "serviceAccount": spec.get("serviceAccountName", "default"), "ip": status["podIP"]}
+        path = spec["netns"]
+        t0 = time.monotonic()
+        self.enrolled[uid] = (info, path)
+        try:
+            err = self.zds.send({"type": "add", "uid": uid, "pod": info}, path)
+            if err:
+                log.warning("ztunnel could not take %s: %s (kernel still enrolls: fail closed)", uid, err)
+        except OSError:
+            log.info("no ztunnel connected yet; %s is enrolled in the kernel and waits for it", uid)
+        took = fpod.attach_pod(self.dp, fpod.PodRef(
+            key=key, pod_id=fpod.pod_number(key), netns=path, ip=status["podIP"],
+            node_netns=spec.get("nodeNetns"), host_veth=spec.get("hostVeth")))
+        control_client.call(self.control_socket, "set_status", kind="Pod", name=meta["name"],
+                            namespace=info["namespace"], status={"enrolled": True})
+        log.info("enrolled %s (kernel attach %.1f ms, total %.1f ms)", uid, took * 1000,
+                 (time.monotonic() - t0) * 1000)
+
+    def unenrol(self, uid: str, pod: dict | None) -> None:
+        info, path = self.enrolled.pop(uid, (None, None))
+        ns, name = uid.split("/", 1)
+        fpod.detach_pod(self.dp, fpod.pod_key(ns, name), pod_netns=path if path and
+                        _exists(path) else None)
+        try:
+            self.zds.send({"type": "del", "uid": uid})
+        except OSError:
+            pass
+        if pod is not None:
+            try:
+                control_client.call(self.control_socket, "set_status", kind="Pod", name=name,
+                                    namespace=ns, status={"enrolled": False})
+            except MeshError:
+                pass
+        log.info("unenrolled %s", uid)
+
+    async def reconcile_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            desired = self._desired()
+            for uid in list(self.enrolled):
+                if uid not in desired:
+                    await loop.run_in_executor(None, self.unenrol, uid, self.pods.get(uid))
+            for uid, pod in desired.items():
+                if uid not in self.enrolled:
+                    try:
+                        await loop.run_in_executor(None, self.enrol, pod)
+                    except MeshError as exc:
+                        log.error("enrolling %s failed: %s", uid, exc)
+                        self.enrolled.pop(uid, None)
+                        ns, name = uid.split("/", 1)
+                        fpod.detach_pod(self.dp, fpod.pod_key(ns, name))
+
+    async def run(self) -> None:
+        t0 = time.monotonic()
+        self.dp.load()
+        log.info("node %s: BPF programs compiled and attached in %.2f s (pins under %s)",
+                 self.node, time.monotonic() - t0, self.dp.root)
+        self.zds.start()
+        loop = asyncio.get_running_loop()
+        # first snapshot, then reconcile: pods that are attached in the kernel already
+        # (agent restart) are re-registered, not re-attached
+        first = asyncio.Event()
+        orig = self._on_event
+
+        def on_event(msg):
+            orig(msg)
+            first.set()
+        self._on_event = on_event
+        self._watch_task = loop.create_task(self.watch())  # held: tasks are weakly referenced
+        await first.wait()
+        attached = set(fpod.attached_keys(self.dp))
+        for uid, pod in self._desired().items():
+            ns, name = uid.split("/", 1)
+            if fpod.pod_key(ns, name) in attached:
+                meta, spec = pod["metadata"], pod["spec"]
+                self.enrolled[uid] = ({"uid": uid, "name": name, "namespace": ns,
+                                       "serviceAccount": spec.get("serviceAccountName", "default"),
+                                       "ip": pod["status"]["podIP"]}, spec["netns"])
+        wanted = {fpod.pod_key(*uid.split("/", 1)) for uid in self.enrolled}
+        for key in attached - wanted:
+            log.info("pod %s is attached in the kernel but no longer wanted: detaching", key)
+            fpod.detach_pod(self.dp, key)
+        self.changed.set()
+        await self.reconcile_loop()
+
+
+def _exists(path: str) -> bool:
+    try:
+        netns.resolve(path)
+        return True
+    except NotFoundError:
+        return False

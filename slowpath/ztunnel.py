@@ -1,0 +1,533 @@
+"""`meshlane ztunnel`: the node's slow-path proxy (mTLS + HBONE), one per node.
+
+Owns, for every enrolled pod of its node (handed over by the node agent through ZDS):
+listeners inside the pod's netns on 127.0.0.1:15001 (outbound, redirected by connect4),
+0.0.0.0:15006 (plaintext inbound) and 0.0.0.0:15008 (HBONE), the pod's workload
+certificate (CSR to the control plane, renewed at half-life), and the connections:
+
+  outbound  original destination from mesh_orig_dst -> enrolled workload: HBONE
+            CONNECT to <dst ip>:15008 from a socket in the source pod (mark 0x539),
+            pooled per (src identity, dst identity, dst, src ip); otherwise plain TCP
+            passthrough from the pod.
+  inbound   15008: mTLS, CONNECT -> transparent connect to the app (source = the
+            client's pod IP) -> 200, or 400/401/503; 15006: plaintext accepted
+            (permissive) and forwarded the same way.
+
+Readiness on 127.0.0.1:15021 and admin (config_dump, connections) on 127.0.0.1:15000,
+inside the node's netns when one is given.  Must not: load or attach BPF programs
+(the node agent does), or read identity from anything but the peer certificate.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from meshcore import abi, bpfsys, netns
+from meshcore import constants as C
+from meshcore.errors import MeshError
+from meshcore.identity import SpiffeId
+from slowpath import certs, control_client, tls, zds
+from slowpath.driver import AppSide, HboneLink, HboneRefused, Pipe
+from slowpath.hbone.authority import format_authority
+from slowpath.hbone import events as ev
+from slowpath.state import Workload, WorkloadStore
+
+log = logging.getLogger("meshlane.ztunnel")
+access = logging.getLogger("meshlane.access")
+
+IP_TRANSPARENT = 19
+
+
+@dataclass
+class LocalPod:
+    uid: str
+    name: str
+    namespace: str
+    service_account: str
+    ip: str
+    netns_fd: int
+    cookie: int
+    spiffe: SpiffeId
+    cert: certs.WorkloadCert | None = None
+    client_ctx: object = None
+    server_ctx: object = None
+    servers: list = field(default_factory=list)
+    renew_handle: asyncio.TimerHandle | None = None
+
+
+class Ztunnel:
+    def __init__(self, *, node: str, control_socket: str, zds_socket: str, token: str,
+                 maps_dir: str, node_netns: str | None = None,
+                 trust_domain: str = C.DEFAULT_TRUST_DOMAIN):
+        self.node = node
+        self.control_socket = control_socket
+        self.zds_socket = zds_socket
+        self.token = token
+        self.maps_dir = Path(maps_dir)
+        self.node_netns = node_netns
+        self.trust_domain = trust_domain
+        self.workloads = WorkloadStore(trust_domain)
+        self.pods: dict[str, LocalPod] = {}
+        self.pool: dict[tuple, list[HboneLink]] = {}
+        self.dialing: dict[tuple, asyncio.Future] = {}
+        self.recent = collections.deque(maxlen=500)
+        self.zds_synced = False
+        self.map_fds: dict[str, int] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """create_task, holding a reference: the loop keeps only weak ones."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- kernel maps (pinned by the node agent) --------------------------------------
+    def _map(self, name: str) -> int:
+        fd = self.map_fds.get(name)
+        if fd is None:
+            fd = bpfsys.obj_get(str(self.maps_dir / name))
+            self.map_fds[name] = fd
+        return fd
+
+    def original_dst(self, pod: LocalPod, client_port: int) -> tuple[str, int] | None:
+        key = abi.OrigKey(netns=pod.cookie, port=client_port)
+        val = abi.Dst()
+        fd = self._map(C.MAP_ORIG_DST)
+        if not bpfsys.map_lookup(fd, key, val):
+            return None
+        bpfsys.map_delete(fd, key)
+        ip, port = val.endpoint()
+        return str(ip), port
+
+    # --- access log ---------------------------------------------------------------------
+    def record(self, **fields) -> None:
+        fields.setdefault("time", datetime.now(timezone.utc).isoformat())
+        self.recent.append(fields)
+        access.info(json.dumps(fields, sort_keys=True))
+
+    # --- pods ---------------------------------------------------------------------------
+    async def add_pod(self, info: dict, fd: int) -> None:
+        uid = info["uid"]
+        old = self.pods.get(uid)
+        if old is not None:
+            if os.fstat(old.netns_fd).st_ino == os.fstat(fd).st_ino and old.servers:
+                os.close(fd)
+                return
+            await self.remove_pod(uid)
+        cookie = netns.cookie_of(fd)
+        spiffe = SpiffeId(trust_domain=self.trust_domain, namespace=info["namespace"],
+                          service_account=info["serviceAccount"])
+        pod = LocalPod(uid=uid, name=info["name"], namespace=info["namespace"],
+                       service_account=info["serviceAccount"], ip=info["ip"], netns_fd=fd,
+                       cookie=cookie, spiffe=spiffe)
+        try:
+            await self._issue_cert(pod)
+            await self._listen(pod)
+        except BaseException:
+            for s in pod.servers:
+                s.close()
+            os.close(fd)
+            raise
+        self.pods[uid] = pod
+        log.info("pod %s enrolled: listening on 15001/15006/15008 in its netns as %s", uid, spiffe.uri)
+
+    async def remove_pod(self, uid: str) -> bool:
+        pod = self.pods.pop(uid, None)
+        if pod is None:
+            return False
+        for s in pod.servers:
+            s.close()
+        if pod.renew_handle:
+            pod.renew_handle.cancel()
+        os.close(pod.netns_fd)
+        log.info("pod %s removed", uid)
+        return True
+
+    async def _issue_cert(self, pod: LocalPod) -> None:
+        key = certs.generate_key()
+        csr = certs.make_csr(key, pod.spiffe)
+        ans = await control_client.acall(self.control_socket, "sign", node=self.node, token=self.token,
+                                         namespace=pod.namespace, pod=pod.name, csr=csr.decode())
+        cert = certs.WorkloadCert.from_pems(spiffe=pod.spiffe, key_pem=certs.key_to_pem(key),
+                                            cert_pem=ans["cert"].encode(),
+                                            chain_pem=ans["chain"].encode(),
+                                            root_pem=ans["root"].encode())
+        pod.cert = cert
+        pod.client_ctx = tls.client_context(cert)
+        pod.server_ctx = tls.server_context(cert)
+        delay = max(1.0, (cert.renew_at - datetime.now(timezone.utc)).total_seconds())
+        pod.renew_handle = self.loop.call_later(delay, self._renew, pod.uid)
+
+    def _renew(self, uid: str) -> None:
+        pod = self.pods.get(uid)
+        if pod is None:
+            return
+
+        async def renew():
+            try:
+                await self._issue_cert(pod)
+                log.info("renewed certificate of %s (valid until %s)", uid, pod.cert.not_after)
+            except Exception as exc:
+                log.warning("renewing the certificate of %s failed: %s; retrying in 10s", uid, exc)
+                pod.renew_handle = self.loop.call_later(10, self._renew, uid)
+        self.spawn(renew())
+
+    def _socket_in(self, pod: LocalPod, *, mark: int, transparent: bool = False) -> socket.socket:
+        with netns.entered(pod.netns_fd):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if transparent:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        s.setblocking(False)
+        return s
+
+    async def _listen(self, pod: LocalPod) -> None:
+        specs = [("127.0.0.1", C.PORT_OUTBOUND, self._outbound_factory(pod), None),
+                 ("0.0.0.0", C.PORT_INBOUND_PLAIN, self._plain_factory(pod), C.LISTENER_PLAIN),
+                 ("0.0.0.0", C.PORT_HBONE, self._hbone_factory(pod), C.LISTENER_HBONE)]
+        for addr, port, factory, kind in specs:
+            with netns.entered(pod.netns_fd):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((addr, port))
+            except OSError as exc:
+                s.close()
+                raise MeshError(f"cannot listen on {addr}:{port} in pod {pod.uid}: {exc}",
+                                hint="is another ztunnel (or the app) already bound there?") from None
+            s.listen(1024)
+            s.setblocking(False)
+            server = await self.loop.create_server(factory, sock=s, backlog=1024)
+            pod.servers.append(server)
+            if kind is not None:
+                key = abi.ListenKey(ip=abi.ip_to_be32(pod.ip), kind=kind)
+                bpfsys.map_update(self._map(C.MAP_LISTENERS), key, ctypes.c_uint64(s.fileno()),
+                                  f"{C.MAP_LISTENERS} for {pod.uid}:{port}")
+
+    # --- outbound -----------------------------------------------------------------------
+    def _outbound_factory(self, pod: LocalPod):
+        def factory():
+            app = AppSide()
+            app.on_made = lambda a: (a.transport.pause_reading(),
+                                     self.spawn(self._outbound(pod, a)))
+            return app
+        return factory
+
+    async def _outbound(self, pod: LocalPod, app: AppSide) -> None:
+        peer = app.transport.get_extra_info("peername")
+        dst = self.original_dst(pod, peer[1])
+        if dst is None:
+            log.warning("outbound connection from %s port %d has no original destination; closing",
+                        pod.uid, peer[1])
+            app.transport.abort()
+            return
+        target = self.workloads.find(dst[0])
+        try:
+            if target is not None and target.enrolled:
+                await self._hbone_out(pod, app, dst, target)
+            else:
+                await self._passthrough(pod, app, dst)
+        except Exception as exc:
+            self.record(direction="outbound", src=pod.uid, dst=f"{dst[0]}:{dst[1]}",
+                        error=type(exc).__name__, reason=str(exc))
+            if app.transport and not app.lost:
+                app.transport.abort()
+
+    async def _passthrough(self, pod: LocalPod, app: AppSide, dst: tuple[str, int]) -> None:
+        s = self._socket_in(pod, mark=C.MARK_ZTUNNEL)
+        try:
+            await asyncio.wait_for(self.loop.sock_connect(s, dst), 10)
+        except BaseException:
+            s.close()
+            raise
+        _, up = await self.loop.create_connection(AppSide, sock=s)
+        started = time.monotonic()
+        Pipe(app, up, on_close=lambda a, b: self.record(
+            direction="outbound", protocol="PASSTHROUGH", src=pod.uid, src_identity=pod.spiffe.uri,
+            dst=f"{dst[0]}:{dst[1]}", bytes_sent=a, bytes_received=b,
+            duration_ms=round((time.monotonic() - started) * 1000, 2)))
+
+    async def _link_for(self, pod: LocalPod, target: Workload) -> HboneLink:
+        key = (pod.spiffe.uri, target.spiffe.uri, str(target.ip), pod.ip)
+        while True:
+            for link in self.pool.get(key, []):
+                if not link.dead and link.handshaken and link.load < C.POOL_MAX_STREAMS_PER_CONN:
+                    return link
+            pending = self.dialing.get(key)
+            if pending is not None:
+                await asyncio.shield(pending)
+                continue
+            fut = self.loop.create_future()
+            self.dialing[key] = fut
+            try:
+                link = await self._dial(pod, target, key)
+                self.pool.setdefault(key, []).append(link)
+                return link
+            finally:
+                self.dialing.pop(key, None)
+                fut.set_result(None)
+
+    async def _dial(self, pod: LocalPod, target: Workload, key: tuple) -> HboneLink:
+        s = self._socket_in(pod, mark=C.MARK_ZTUNNEL)
+        try:
+            await asyncio.wait_for(self.loop.sock_connect(s, (str(target.ip), C.PORT_HBONE)), 10)
+        except BaseException:
+            s.close()
+            raise
+        _, link = await self.loop.create_connection(
+            lambda: HboneLink(context=pod.client_ctx, server_side=False,
+                              expected_peer=target.spiffe, on_idle=self._idle(key)), sock=s)
+        await asyncio.wait_for(link.ready, 10)
+        return link
+
+    def _idle(self, key: tuple):
+        def on_idle(link: HboneLink) -> None:
+            if link.dead:
+                links = self.pool.get(key, [])
+                if link in links:
+                    links.remove(link)
+                return
+            link._idle_at = time.monotonic()
+            self.loop.call_later(C.POOL_IDLE_TIMEOUT_S, self._close_if_idle, key, link)
+        return on_idle
+
+    def _close_if_idle(self, key: tuple, link: HboneLink) -> None:
+        if not link.dead and link.load == 0 and \
+                time.monotonic() - getattr(link, "_idle_at", 0) >= C.POOL_IDLE_TIMEOUT_S - 1:
+            link.close()
+
+    async def _hbone_out(self, pod: LocalPod, app: AppSide, dst: tuple[str, int],
+                         target: Workload) -> None:
+        link = await self._link_for(pod, target)
+        client = app.transport.get_extra_info("peername")
+        headers = [
+            ("forwarded", f'for="{pod.ip}:{client[1]}"'),
+            ("baggage", f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name},"
+                        f"service.name={pod.service_account}"),
+            ("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),
+        ]
+        started = time.monotonic()
+        try:
+            sid = await asyncio.wait_for(link.open(format_authority(dst[0], dst[1]), headers), 15)
+        except HboneRefused as exc:
+            self.record(direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
+                        dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=exc.status,
+                        error="CONNECT")
+            app.transport.abort()
+            return
+        link.bind(sid, app, on_close=lambda sent, recv: self.record(
+            direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
+            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, bytes_sent=sent,
+            bytes_received=recv, duration_ms=round((time.monotonic() - started) * 1000, 2)))
+
+    # --- inbound ------------------------------------------------------------------------
+    async def _connect_app(self, pod: LocalPod, src_ip: str, port: int) -> AppSide:
+        """Connect to the app in `pod` as if from `src_ip` (the app sees the client)."""
+        s = self._socket_in(pod, mark=C.MARK_INBOUND, transparent=True)
+        try:
+            s.bind((src_ip, 0))
+            key = abi.PassKey(remote_ip=abi.ip_to_be32(src_ip), local_ip=abi.ip_to_be32(pod.ip),
+                              remote_port=socket.htons(s.getsockname()[1]))
+            fd = self._map(C.MAP_INB_PASS)
+            bpfsys.map_update(fd, key, ctypes.c_uint32(1), C.MAP_INB_PASS)
+            try:
+                await asyncio.wait_for(self.loop.sock_connect(s, (pod.ip, port)), 10)
+            finally:
+                bpfsys.map_delete(fd, key)
+        except BaseException:
+            s.close()
+            raise
+        _, up = await self.loop.create_connection(AppSide, sock=s)
+        return up
+
+    def _plain_factory(self, pod: LocalPod):
+        def factory():
+            app = AppSide()
+            app.on_made = lambda a: (a.transport.pause_reading(),
+                                     self.spawn(self._plain_in(pod, a)))
+            return app
+        return factory
+
+    async def _plain_in(self, pod: LocalPod, app: AppSide) -> None:
+        peer = app.transport.get_extra_info("peername")
+        local = app.transport.get_extra_info("sockname")
+        started = time.monotonic()
+        try:
+            up = await self._connect_app(pod, peer[0], local[1])
+        except Exception as exc:
+            self.record(direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}",
+                        dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, error="CONNECT",
+                        reason=str(exc))
+            app.transport.abort()
+            return
+        Pipe(app, up, on_close=lambda a, b: self.record(
+            direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
+            dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, bytes_received=a, bytes_sent=b,
+            duration_ms=round((time.monotonic() - started) * 1000, 2)))
+
+    def _hbone_factory(self, pod: LocalPod):
+        def factory():
+            return HboneLink(context=pod.server_ctx, server_side=True, trust_domain=self.trust_domain,
+                             on_request=lambda link, e: self.spawn(self._hbone_in(pod, link, e)))
+        return factory
+
+    async def _hbone_in(self, pod: LocalPod, link: HboneLink, e: ev.StreamRequested) -> None:
+        peer_ip = link.peer_addr[0]
+        src_id = link.peer_identity.uri if link.peer_identity else None
+        common = dict(direction="inbound", protocol="HBONE", src=f"{peer_ip}", src_identity=src_id,
+                      dst=e.authority, dst_workload=pod.uid, dst_identity=pod.spiffe.uri)
+        if e.host != pod.ip:
+            link.codec.reject(e.stream_id, 503)
+            link.flush()
+            self.record(**common, status=503, error="CONNECT", reason="no such workload here")
+            return
+        started = time.monotonic()
+        try:
+            up = await self._connect_app(pod, peer_ip, e.port)
+        except Exception as exc:
+            link.codec.reject(e.stream_id, 503)
+            link.flush()
+            self.record(**common, status=503, error="CONNECT", reason=str(exc))
+            return
+        if link.dead:
+            up.transport.abort()
+            return
+        link.codec.accept(e.stream_id)
+        link.flush()
+        link.bind(e.stream_id, up, on_close=lambda sent, recv: self.record(
+            **common, status=200, bytes_sent=recv, bytes_received=sent,
+            duration_ms=round((time.monotonic() - started) * 1000, 2)))
+
+    # --- control plane watch -------------------------------------------------------------
+    async def watch_workloads(self) -> None:
+        while not self.stopping:
+            try:
+                async for msg in control_client.watch(self.control_socket, ["Pod"]):
+                    if msg["event"] == "snapshot":
+                        self.workloads.replace_all(msg["objects"])
+                    elif msg["event"] == "put":
+                        self.workloads.put(msg["object"])
+                    elif msg["event"] == "delete":
+                        m = msg["object"]["metadata"]
+                        self.workloads.delete(f"{m.get('namespace', 'default')}/{m['name']}")
+            except MeshError as exc:
+                log.warning("workload watch: %s; retrying", exc)
+            self.workloads.synced = False
+            await asyncio.sleep(0.5)
+
+    # --- ZDS (node agent hands us pods) ---------------------------------------------------
+    def zds_thread(self) -> None:
+        while not self.stopping:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                sock.connect(self.zds_socket)
+            except OSError:
+                sock.close()
+                time.sleep(0.3)
+                continue
+            log.info("connected to the node agent at %s", self.zds_socket)
+            seen: set[str] = set()
+            try:
+                while True:
+                    msg, fds = zds.recv(sock)
+                    if msg is None:
+                        break
+                    kind, uid, err = msg.get("type"), msg.get("uid"), None
+                    try:
+                        if kind == "add":
+                            seen.add(uid)
+                            self._run(self.add_pod(msg["pod"], fds[0]))
+                        elif kind == "del":
+                            self._run(self.remove_pod(uid))
+                        elif kind == "snapshot_end":
+                            for stale in set(self.pods) - seen:
+                                self._run(self.remove_pod(stale))
+                            self.zds_synced = True
+                    except Exception as exc:
+                        err = str(exc)
+                        log.warning("ZDS %s %s failed: %s", kind, uid, exc)
+                    zds.send(sock, {"type": "ack", "uid": uid, "of": kind, "error": err})
+            except OSError as exc:
+                log.warning("ZDS connection lost: %s", exc)
+            finally:
+                sock.close()
+            self.zds_synced = False
+            time.sleep(0.3)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    # --- admin / readiness ------------------------------------------------------------------
+    def config_dump(self) -> dict:
+        return {
+            "node": self.node,
+            "workloads": [w.to_json() for w in sorted(self.workloads.by_uid.values(), key=lambda w: w.uid)],
+            "localPods": [{"uid": p.uid, "ip": p.ip, "identity": p.spiffe.uri,
+                           "certExpires": p.cert.not_after.isoformat() if p.cert else None}
+                          for p in self.pods.values()],
+            "pool": [{"key": list(k), "connections": len(v), "streams": sum(l.load for l in v)}
+                     for k, v in self.pool.items() if v],
+        }
+
+    def ready(self) -> bool:
+        return self.zds_synced and self.workloads.synced
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = (await reader.readline()).decode(errors="replace").split()
+            while (await reader.readline()).strip():
+                pass
+            path = line[1] if len(line) > 1 else "/"
+            if path.startswith("/healthz/ready"):
+                code, body = (200, "ready\n") if self.ready() else (503, "not ready\n")
+            elif path.startswith("/config_dump"):
+                code, body = 200, json.dumps(self.config_dump(), indent=1) + "\n"
+            elif path.startswith("/connections"):
+                code, body = 200, json.dumps(list(self.recent), indent=1) + "\n"
+            else:
+                code, body = 404, "not found\n"
+            data = body.encode()
+            writer.write(f"HTTP/1.1 {code} {'OK' if code == 200 else 'ERR'}\r\nContent-Length: "
+                         f"{len(data)}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n".encode()
+                         + data)
+            await writer.drain()
+        except (ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve_admin(self) -> None:
+        for port in (C.PORT_READY, C.PORT_ADMIN):
+            if self.node_netns:
+                with netns.entered(self.node_netns):
+                    s = socket.socket()
+            else:
+                s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(64)
+            s.setblocking(False)
+            await asyncio.start_server(self._http, sock=s)
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self._serve_admin()
+        self.spawn(self.watch_workloads())
+        threading.Thread(target=self.zds_thread, name="zds", daemon=True).start()
+        log.info("ztunnel for node %s started", self.node)
+        await asyncio.Event().wait()
