@@ -130,9 +130,11 @@ def lab() -> None:
 @LAB
 @click.option("--topology", type=click.Path(dir_okay=False), default=None,
               help="topology YAML (default: node1/node2 with client-1, server-1, server-2, legacy-2)")
-def lab_up(lab, topology) -> None:
+@click.option("--cacerts", type=click.Path(file_okay=False), default=None,
+              help="plug-in CA in Istio's cacerts layout (default: a self-signed root)")
+def lab_up(lab, topology, cacerts) -> None:
     from meshlane import lab as labmod
-    state = labmod.up(lab, topology)
+    state = labmod.up(lab, topology, cacerts=cacerts)
     labmod.progress(f"lab {lab!r} is up in {state['ready_seconds']} s "
                     f"({len(state['nodes'])} nodes, {len(state['pods'])} pods); "
                     f"tear it down with `meshlane lab down`")

@@ -185,10 +185,14 @@ def pod_object(p: topology.PodSpec, net: labnet.PodNet) -> dict:
             "status": {"podIP": net.ip, "enrolled": False}}
 
 
-def up(lab: str, topology_path: str | None) -> dict:
+def up(lab: str, topology_path: str | None, *, cacerts: str | None = None) -> dict:
     if os.geteuid() != 0:
         raise NeedsRootError("`meshlane lab up` needs root (namespaces, BPF)", hint="run with sudo")
     topo = topology.load(topology_path)  # validate before touching anything
+    if cacerts is not None:
+        from meshlane.ca import CertificateAuthority
+        CertificateAuthority.from_cacerts_dir(cacerts)  # a bad plug-in CA fails here, not later
+        cacerts = str(Path(cacerts).resolve())
     paths = LabPaths(lab)
     leftovers = labnet.lab_netns(lab)
     if paths.state.exists() or leftovers:
@@ -207,7 +211,7 @@ def up(lab: str, topology_path: str | None) -> dict:
                               serviceAccount=p.service_account, ip=nets[p.name].ip,
                               netns=nets[p.name].netns, app=p.app) for p in topo.pods]
         _save(paths, state)
-        state["pids"]["control"] = start_control(paths)
+        state["pids"]["control"] = start_control(paths, cacerts)
         _save(paths, state)
         sock = str(paths.control_socket)
         for ns, labels in topo.namespaces.items():
