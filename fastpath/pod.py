@@ -70,9 +70,14 @@ def _pin_link(link_fd: int, path: Path) -> None:
 
 
 def _pod_routing(add: bool) -> None:
-    """Inside the pod's netns (the caller entered it)."""
-    with open("/proc/sys/net/ipv4/tcp_fwmark_accept", "w") as f:
-        f.write("1" if add else "0")
+    """Inside the pod's netns (the caller entered it).
+
+    tcp_fwmark_accept: the app's accepted socket inherits the mark of the ztunnel's SYN;
+    fwmark_reflect: the kernel's own RSTs (closed port) carry it too, so a refused
+    connect reaches the ztunnel at once instead of leaking out of eth0."""
+    for key in ("tcp_fwmark_accept", "fwmark_reflect"):
+        with open(f"/proc/sys/net/ipv4/{key}", "w") as f:
+            f.write("1" if add else "0")
     ipr = IPRoute()
     try:
         ops = [

@@ -1,0 +1,337 @@
+"""The mesh doing its job end to end: real lab, real BPF, real mTLS, real captures.
+
+One lab (default topology) for the module, started through `meshlane.lab.up` exactly as
+`meshlane lab up` does, and torn down even when a test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from meshcore import constants as C
+from meshcore import netns
+from meshcore.identity import SpiffeId
+from fastpath import loader
+from meshlane import lab as labmod
+from meshlane.ca import CertificateAuthority
+from slowpath import certs, control_client, tls
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def lab():
+    name = f"mle{os.getpid() % 10000}"
+    try:
+        state = labmod.up(name, None)
+        yield name, {p["name"]: p for p in state["pods"]}
+    finally:
+        try:
+            labmod.down(name, quiet=True)
+        except Exception:
+            pass
+
+
+def http_get(ns: str, ip: str, port: int = 8080, path: str = "/", timeout: float = 5.0) -> dict:
+    with netns.entered(ns):
+        s = socket.socket()
+    s.settimeout(timeout)
+    with s:
+        s.connect((ip, port))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return json.loads(body)
+
+
+class Capture:
+    """tcpdump on a lab interface, for the duration of a with-block."""
+
+    def __init__(self, ns: str, iface: str, path: Path):
+        self.ns, self.iface, self.path = ns, iface, path
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "tcpdump", "--immediate-mode", "-i", self.iface, "-U",
+                                      "-s", "0", "-w", str(self.path), "tcp"],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        line = self.proc.stderr.readline().decode()
+        assert "listening" in line, line
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.3)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(5)
+        self.data = self.path.read_bytes()
+
+
+def zt_connections(lab: str, node: str) -> list[dict]:
+    code, body = labmod.http_get_in_netns(f"{lab}-{node}", C.PORT_ADMIN, "/connections")
+    assert code == 200
+    return json.loads(body)
+
+
+def wait_record(lab: str, node: str, pred, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for r in zt_connections(lab, node):
+            if pred(r):
+                return r
+        time.sleep(0.1)
+    raise AssertionError(f"no matching access record on {node}: {zt_connections(lab, node)[-5:]}")
+
+
+def test_cross_node_request_is_mtls_on_the_underlay(lab, tmp_path):
+    name, pods = lab
+    c1, s2 = pods["client-1"], pods["server-2"]
+    marker = f"meshlane-secret-{uuid.uuid4().hex}"
+    with Capture(f"{name}-node1", "ul0", tmp_path / "ul.pcap") as cap:
+        answer = http_get(c1["netns"], s2["ip"], path=f"/{marker}")
+    assert answer["pod"] == "server-2" and answer["path"] == f"/{marker}"
+    assert answer["peer"].split(":")[0] == c1["ip"], "server-2 must see client-1's pod IP"
+    assert len(cap.data) > 1000, "the capture saw the tunnel"
+    assert marker.encode() not in cap.data, "plaintext of the request crossed the underlay"
+    assert b"GET /" not in cap.data
+    # the tunnel itself went to the destination pod's 15008
+    assert (15008).to_bytes(2, "big") in cap.data
+
+    rec = wait_record(name, "node2", lambda r: r.get("direction") == "inbound" and
+                      r.get("protocol") == "HBONE" and r.get("status") == 200)
+    assert rec["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+    assert rec["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/server"
+    out = wait_record(name, "node1", lambda r: r.get("direction") == "outbound" and
+                      r.get("protocol") == "HBONE" and r.get("dst") == f"{s2['ip']}:8080")
+    assert out["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+
+
+def test_plaintext_into_the_mesh_goes_through_15006(lab):
+    name, pods = lab
+    legacy, s1 = pods["legacy-2"], pods["server-1"]
+    answer = http_get(legacy["netns"], s1["ip"])
+    assert answer["pod"] == "server-1"
+    assert answer["peer"].split(":")[0] == legacy["ip"]
+    rec = wait_record(name, "node1", lambda r: r.get("direction") == "inbound" and
+                      r.get("protocol") == "TCP" and r.get("src", "").startswith(legacy["ip"] + ":"))
+    assert rec["src_identity"] is None and rec["dst_workload"] == "demo/server-1"
+
+
+def test_client_to_outside_the_mesh_is_passthrough(lab):
+    name, pods = lab
+    c1, legacy = pods["client-1"], pods["legacy-2"]
+    with netns.entered(legacy["netns"]):
+        srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 9090))
+    srv.listen(4)
+    srv.settimeout(5)
+    got = {}
+
+    def serve():
+        conn, peer = srv.accept()
+        got["peer"] = peer
+        conn.sendall(conn.recv(100).upper())
+        conn.close()
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    with netns.entered(c1["netns"]):
+        s = socket.socket()
+    s.settimeout(5)
+    s.connect((legacy["ip"], 9090))
+    s.sendall(b"passthrough")
+    assert s.recv(100) == b"PASSTHROUGH"
+    assert s.getpeername() == (legacy["ip"], 9090), "getpeername shows the dialled address"
+    s.close()
+    th.join(5)
+    srv.close()
+    assert got["peer"][0] == c1["ip"]
+    wait_record(name, "node1", lambda r: r.get("protocol") == "PASSTHROUGH" and
+                r.get("dst") == f"{legacy['ip']}:9090")
+
+
+# --- refusals at the HBONE listener ----------------------------------------------------
+
+def _node_cert(name: str, node: str, namespace: str, pod: str, sa: str) -> certs.WorkloadCert:
+    """A real workload certificate from the lab's CA, asked for as that node would."""
+    paths = labmod.LabPaths(name)
+    token = (paths.node_dir(node) / "token").read_text().strip()
+    spiffe = SpiffeId(namespace=namespace, service_account=sa)
+    key = certs.generate_key()
+    ans = control_client.call(str(paths.control_socket), "sign", node=node, token=token,
+                              namespace=namespace, pod=pod, csr=certs.make_csr(key, spiffe).decode())
+    return certs.WorkloadCert.from_pems(spiffe=spiffe, key_pem=certs.key_to_pem(key),
+                                        cert_pem=ans["cert"].encode(), chain_pem=ans["chain"].encode(),
+                                        root_pem=ans["root"].encode())
+
+
+def _tls_to(ns: str, ip: str, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    with netns.entered(ns):
+        raw = socket.socket()
+    raw.settimeout(5)
+    raw.connect((ip, C.PORT_HBONE))
+    return ctx.wrap_socket(raw, server_hostname=None)
+
+
+def _connect_status(sock: ssl.SSLSocket, authority: str, method: str = "CONNECT") -> int:
+    """Send one request on a fresh HTTP/2 connection with plain h2 (so the request can be
+    one our codec would refuse to send) and return the :status of the answer."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, validate_inbound_headers=False))
+    conn.initiate_connection()
+    headers = [(":method", method), (":authority", authority)]
+    if method != "CONNECT":
+        headers += [(":scheme", "https"), (":path", "/")]
+    conn.send_headers(1, headers)
+    sock.sendall(conn.data_to_send())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for e in conn.receive_data(data):
+            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 1:
+                return int(dict(e.headers)[b":status"])
+        pending = conn.data_to_send()
+        if pending:
+            sock.sendall(pending)
+    raise AssertionError(f"no answer to {method} {authority}")
+
+
+def test_hbone_refuses_foreign_root_wrong_san_and_bad_requests(lab):
+    name, pods = lab
+    legacy, s2 = pods["legacy-2"], pods["server-2"]
+    good = _node_cert(name, "node2", "legacy", "legacy-2", "default")
+
+    # a client certificate from another root: the handshake is refused
+    other = CertificateAuthority.self_signed()
+    key = certs.generate_key()
+    spiffe = SpiffeId(namespace="legacy", service_account="default")
+    leaf = other.sign_csr(certs.make_csr(key, spiffe), expected=spiffe, ttl=timedelta(hours=1))
+    foreign = certs.WorkloadCert.from_pems(spiffe=spiffe, key_pem=certs.key_to_pem(key), cert_pem=leaf,
+                                           chain_pem=other.chain_pem, root_pem=good.root_pem)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        s = _tls_to(legacy["netns"], s2["ip"], tls.client_context(foreign))
+        s.sendall(b"\0" * 10)
+        s.recv(10) or (_ for _ in ()).throw(ConnectionError("closed by server"))
+
+    # the server is not who we expected: our side refuses it
+    s = _tls_to(legacy["netns"], s2["ip"], tls.client_context(good))
+    with pytest.raises(tls.TlsIdentityError):
+        tls.verify_peer_identity(s, SpiffeId(namespace="demo", service_account="client"))
+    assert tls.verify_peer_identity(s, SpiffeId(namespace="demo", service_account="server"))
+
+    # a valid peer: bad method and bad authority get 400 on their stream; a good CONNECT
+    # to a port with nothing behind it gets 503; a good one to 8080 gets 200
+    assert _connect_status(s, f"{s2['ip']}:8080", method="GET") == 400
+    s.close()
+    for authority, want in (("server-2:8080", 400), (f"{s2['ip']}", 400),
+                            (f"{s2['ip']}:1", 503), (f"{s2['ip']}:8080", 200)):
+        s = _tls_to(legacy["netns"], s2["ip"], tls.client_context(good))
+        assert _connect_status(s, authority) == want, authority
+        s.close()
+
+
+def test_connect_garbage_does_not_hurt_the_listener(lab):
+    name, pods = lab
+    legacy, s2 = pods["legacy-2"], pods["server-2"]
+    with netns.entered(legacy["netns"]):
+        raw = socket.socket()
+    raw.settimeout(5)
+    raw.connect((s2["ip"], C.PORT_HBONE))
+    raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+    try:
+        raw.recv(100)  # a TLS alert or a close, never a hang
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    raw.close()
+    assert http_get(pods["client-1"]["netns"], s2["ip"])["pod"] == "server-2"
+
+
+def test_node_cannot_get_identity_of_another_nodes_pod(lab):
+    name, pods = lab
+    with pytest.raises(control_client.ControlError, match="scheduled on 'node1'"):
+        _node_cert(name, "node2", "demo", "client-1", "client")
+
+
+def test_ztunnel_down_fails_closed_and_restart_recovers(lab, tmp_path):
+    name, pods = lab
+    c1, s2 = pods["client-1"], pods["server-2"]
+    paths = labmod.LabPaths(name)
+    state = json.loads(paths.state.read_text())
+    labmod.stop_pid(state["pids"]["ztunnel-node1"])
+    marker = f"meshlane-down-{uuid.uuid4().hex}"
+    with Capture(f"{name}-node1", "ul0", tmp_path / "down.pcap") as cap:
+        with netns.entered(c1["netns"]):
+            s = socket.socket()
+        s.settimeout(3)
+        with pytest.raises(ConnectionRefusedError):
+            s.connect((s2["ip"], 8080))
+        s.close()
+        # even a socket that slips past connect4 cannot leave the pod unencrypted
+        with netns.entered(c1["netns"]):
+            raw = socket.socket()
+        raw.settimeout(1.5)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x1)
+    assert marker.encode() not in cap.data
+    assert not any(b"GET" in chunk for chunk in [cap.data])
+    # restart: no re-enrolment, traffic flows again
+    before = loader.NodeDatapath(paths.pin_name("node1")).counters()
+    state["pids"]["ztunnel-node1"] = labmod.start_ztunnel(paths, "node1")
+    paths.state.write_text(json.dumps(state))
+    labmod.wait_for("ztunnel restart", lambda: labmod.ztunnel_ready(paths, "node1"), 30)
+    assert http_get(c1["netns"], s2["ip"])["peer"].split(":")[0] == c1["ip"]
+    after = loader.NodeDatapath(paths.pin_name("node1")).counters()
+    assert after["connect_redirected"] > before["connect_redirected"]
+    assert (loader.pin_dir(paths.pin_name("node1")) / "pods" / "demo_client-1").exists()
+
+
+def test_detach_makes_traffic_plain_and_leaves_no_state(lab, tmp_path):
+    name, pods = lab
+    c1, s2 = pods["client-1"], pods["server-2"]
+    paths = labmod.LabPaths(name)
+    sock = str(paths.control_socket)
+    control_client.call(sock, "label", kind="Pod", namespace="demo", name="client-1",
+                        set={C.LABEL_DATAPLANE_MODE: C.DATAPLANE_NONE}, remove=[], overwrite=True)
+    try:
+        labmod.wait_for("client-1 unenrolled", lambda: not control_client.call(
+            sock, "get", kind="Pod", namespace="demo", name="client-1")["objects"][0]["status"]["enrolled"], 20)
+        pod_pins = loader.pin_dir(paths.pin_name("node1")) / "pods" / "demo_client-1"
+        assert not pod_pins.exists(), "no per-pod pins remain"
+        # no listeners remain in the pod
+        with netns.entered(c1["netns"]):
+            probe = socket.socket()
+        probe.settimeout(2)
+        assert probe.connect_ex(("127.0.0.1", C.PORT_OUTBOUND)) != 0, "15001 must be gone"
+        probe.close()
+        rules = subprocess.run(["ip", "-n", c1["netns"], "rule"], capture_output=True, text=True).stdout
+        assert "fwmark" not in rules
+        marker = f"meshlane-plain-{uuid.uuid4().hex}"
+        with Capture(f"{name}-node1", "ul0", tmp_path / "plain.pcap") as cap:
+            # server-2 is still in the mesh: plaintext from client-1 arrives via its 15006
+            answer = http_get(c1["netns"], s2["ip"], path=f"/{marker}")
+        assert answer["peer"].split(":")[0] == c1["ip"]
+        assert marker.encode() in cap.data, "after detach client-1 speaks plain TCP"
+    finally:
+        control_client.call(sock, "label", kind="Pod", namespace="demo", name="client-1",
+                            set={}, remove=[C.LABEL_DATAPLANE_MODE], overwrite=True)
+        labmod.wait_for("client-1 re-enrolled", lambda: control_client.call(
+            sock, "get", kind="Pod", namespace="demo", name="client-1")["objects"][0]["status"]["enrolled"], 20)
