@@ -335,3 +335,34 @@ def test_detach_makes_traffic_plain_and_leaves_no_state(lab, tmp_path):
                             set={}, remove=[C.LABEL_DATAPLANE_MODE], overwrite=True)
         labmod.wait_for("client-1 re-enrolled", lambda: control_client.call(
             sock, "get", kind="Pod", namespace="demo", name="client-1")["objects"][0]["status"]["enrolled"], 20)
+
+
+def test_namespace_label_enrols_and_unenrols_without_restarting(lab):
+    name, pods = lab
+    legacy, s1 = pods["legacy-2"], pods["server-1"]
+    paths = labmod.LabPaths(name)
+    sock = str(paths.control_socket)
+    resident = subprocess.Popen(["ip", "netns", "exec", legacy["netns"], "sleep", "120"])
+
+    def enrolled() -> bool:
+        return bool(control_client.call(sock, "get", kind="Pod", namespace="legacy",
+                                        name="legacy-2")["objects"][0]["status"]["enrolled"])
+    assert not enrolled()
+    control_client.call(sock, "label", kind="Namespace", name="legacy",
+                        set={C.LABEL_DATAPLANE_MODE: C.DATAPLANE_AMBIENT}, remove=[], overwrite=False)
+    try:
+        labmod.wait_for("legacy-2 enrolled by its namespace label", enrolled, 20)
+        answer = http_get(legacy["netns"], s1["ip"])
+        assert answer["peer"].split(":")[0] == legacy["ip"]
+        wait_record(name, "node1", lambda r: r.get("direction") == "inbound" and r.get("protocol") == "HBONE"
+                    and r.get("src_identity") == "spiffe://cluster.local/ns/legacy/sa/default")
+    finally:
+        control_client.call(sock, "label", kind="Namespace", name="legacy", set={},
+                            remove=[C.LABEL_DATAPLANE_MODE], overwrite=False)
+    labmod.wait_for("legacy-2 unenrolled", lambda: not enrolled(), 20)
+    assert http_get(legacy["netns"], s1["ip"])["pod"] == "server-1"
+    try:
+        assert resident.poll() is None, "enrolment never restarts or stops a pod's processes"
+    finally:
+        resident.kill()
+        resident.wait()
