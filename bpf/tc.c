@@ -13,15 +13,25 @@
 #include <linux/tcp.h>
 #include <linux/pkt_cls.h>
 
-int mesh_pod_egress(struct __sk_buff *skb)
+/* The IPv4 header of an Ethernet frame, or NULL (not IPv4, or truncated). */
+static __always_inline struct iphdr *mesh_ipv4(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return NULL;
 	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
+	if ((void *)(ip + 1) > data_end)
+		return NULL;
+	return ip;
+}
+
+int mesh_pod_egress(struct __sk_buff *skb)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = mesh_ipv4(skb);
+	if (!ip || ip->protocol != IPPROTO_TCP)
 		return TC_ACT_OK;
 	struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
 	if ((void *)(tcp + 1) > data_end)
@@ -36,13 +46,8 @@ int mesh_pod_egress(struct __sk_buff *skb)
 
 int mesh_veth_ingress(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end)
+	struct iphdr *ip = mesh_ipv4(skb);
+	if (!ip)
 		return TC_ACT_OK;
 	__u32 ifindex = skb->ingress_ifindex;
 	struct mesh_veth_info *veth = mesh_veth.lookup(&ifindex);

@@ -197,8 +197,8 @@ class Ztunnel:
         return s
 
     async def _listen(self, pod: LocalPod) -> None:
-        specs = [("127.0.0.1", C.PORT_OUTBOUND, self._outbound_factory(pod), None),
-                 ("0.0.0.0", C.PORT_INBOUND_PLAIN, self._plain_factory(pod), C.LISTENER_PLAIN),
+        specs = [("127.0.0.1", C.PORT_OUTBOUND, self._paused_factory(self._outbound, pod), None),
+                 ("0.0.0.0", C.PORT_INBOUND_PLAIN, self._paused_factory(self._plain_in, pod), C.LISTENER_PLAIN),
                  ("0.0.0.0", C.PORT_HBONE, self._hbone_factory(pod), C.LISTENER_HBONE)]
         for addr, port, factory, kind in specs:
             with netns.entered(pod.netns_fd):
@@ -220,11 +220,12 @@ class Ztunnel:
                                   f"{C.MAP_LISTENERS} for {pod.uid}:{port}")
 
     # --- outbound -----------------------------------------------------------------------
-    def _outbound_factory(self, pod: LocalPod):
+    def _paused_factory(self, handler, pod: LocalPod):
+        """Protocol factory for a plain listener: each accepted connection is paused
+        until `handler(pod, app)` has decided where its bytes go."""
         def factory():
             app = AppSide()
-            app.on_made = lambda a: (a.transport.pause_reading(),
-                                     self.spawn(self._outbound(pod, a)))
+            app.on_made = lambda a: (a.transport.pause_reading(), self.spawn(handler(pod, a)))
             return app
         return factory
 
@@ -354,14 +355,6 @@ class Ztunnel:
             raise
         _, up = await self.loop.create_connection(AppSide, sock=s)
         return up
-
-    def _plain_factory(self, pod: LocalPod):
-        def factory():
-            app = AppSide()
-            app.on_made = lambda a: (a.transport.pause_reading(),
-                                     self.spawn(self._plain_in(pod, a)))
-            return app
-        return factory
 
     async def _plain_in(self, pod: LocalPod, app: AppSide) -> None:
         peer = app.transport.get_extra_info("peername")
