@@ -16,6 +16,7 @@ import logging
 import ssl
 from typing import Callable
 
+from meshcore import constants as C
 from meshcore.identity import SpiffeId
 from slowpath import tls
 from slowpath.hbone import events as ev
@@ -245,7 +246,10 @@ class HboneLink(asyncio.Protocol):
                  expected_peer: SpiffeId | None = None,
                  trust_domain: str | None = None,
                  on_request: Callable[["HboneLink", ev.StreamRequested], None] | None = None,
-                 on_idle: Callable[["HboneLink"], None] | None = None):
+                 on_idle: Callable[["HboneLink"], None] | None = None,
+                 ping_interval: float = C.H2_PING_INTERVAL_S,
+                 ping_timeout: float = C.H2_PING_TIMEOUT_S):
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.context = context
         self.server_side = server_side
         self.expected_peer = expected_peer
@@ -266,6 +270,8 @@ class HboneLink(asyncio.Protocol):
         self.early: dict[int, list[tuple[bytes, int]]] = {}
         self.early_end: set[int] = set()
         self.dead = False
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping_sent_at: float | None = None
 
     # --- transport callbacks ---------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -323,8 +329,27 @@ class HboneLink(asyncio.Protocol):
         self.handshaken = True
         self.codec.initiate()
         self.flush()
+        if not self.server_side:
+            self._keepalive = asyncio.get_event_loop().call_later(self.ping_interval, self._ping)
         if not self.ready.done():
             self.ready.set_result(self)
+
+    def _ping(self) -> None:
+        """Every 10 s a PING; a peer that has not answered the last one for 20 s is gone
+        (a half-dead pooled connection would otherwise swallow new streams)."""
+        if self.dead:
+            return
+        now = asyncio.get_event_loop().time()
+        if self._ping_sent_at is not None and now - self._ping_sent_at >= self.ping_timeout:
+            log.warning("HBONE peer %s did not answer PING for %.0f s; closing", self.peer_addr,
+                        now - self._ping_sent_at)
+            self.close()
+            return
+        if self._ping_sent_at is None:
+            self.codec.ping()
+            self._ping_sent_at = now
+            self.flush()
+        self._keepalive = asyncio.get_event_loop().call_later(self.ping_interval, self._ping)
 
     def _fail(self, exc: Exception) -> None:
         if not self.ready.done():
@@ -393,6 +418,8 @@ class HboneLink(asyncio.Protocol):
                 self.on_request(self, e)
         elif isinstance(e, ev.RequestRejected):
             log.info("rejected HBONE request from %s: %s %s", self.peer_addr, e.status, e.reason)
+        elif isinstance(e, ev.PingAcked):
+            self._ping_sent_at = None
         elif isinstance(e, ev.ConnectionTerminated):
             self.flush()
             self._die(f"HTTP/2 connection terminated: {e.reason}")
@@ -434,6 +461,8 @@ class HboneLink(asyncio.Protocol):
         if self.dead:
             return
         self.dead = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(why))
         for sid in list(self.pending_open):
