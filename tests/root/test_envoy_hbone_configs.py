@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from slowpath import envoy_hbone as eh
-from tests.envoy_util import EnvoyProcess, envoy_binary, validate
+from tests.envoy_util import EnvoyProcess, requires_envoy, validate
 
-pytestmark = pytest.mark.skipif(envoy_binary() is None, reason="envoy binary not installed")
+pytestmark = requires_envoy()
 
 LO = "127.0.0.1"
 TD = "spiffe://cluster.local/ns/demo/sa/"
