@@ -333,7 +333,7 @@ class Ztunnel:
             return
         link.bind(sid, app, on_close=lambda sent, recv: self.record(
             direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
-            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, bytes_sent=sent,
+            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200, bytes_sent=sent,
             bytes_received=recv, duration_ms=round((time.monotonic() - started) * 1000, 2)))
 
     # --- inbound ------------------------------------------------------------------------
