@@ -21,7 +21,8 @@ import yaml
 
 from meshcore import constants as C
 from meshcore import netns
-from meshcore.errors import BadInputError, MeshError, NeedsRootError, NotFoundError, UsageError
+from meshcore.errors import (BadInputError, MeshError, NeedsRootError, NotFoundError,
+                             UnavailableError, UsageError)
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["short", "json", "yaml"]), default="short",
                       show_default=True, help="output format")
@@ -153,6 +154,9 @@ def lab_down(lab) -> None:
 def lab_status(lab, output) -> None:
     from meshlane import lab as labmod
     st = labmod.status(lab)
+    if not st["controlPlane"]:  # else every pod would just read "not enrolled"
+        labmod.progress(f"warning: the control plane of lab {lab!r} is not reachable "
+                        f"({labmod.LabPaths(lab).control_socket}); enrolment is unknown")
     emit(st, output, table=lambda s: [("POD", "NODE", "NAMESPACE", "SERVICEACCOUNT", "IP", "ENROLLED")] +
          [(p["name"], p["node"], p["namespace"], p["serviceAccount"], p["ip"], str(p["enrolled"]).lower())
           for p in s["pods"]])
@@ -197,12 +201,20 @@ def _wait_enrolled(sock: str, ns: str, name: str, want: bool, timeout: float = 3
 
 
 def _netns_ip(ref: str) -> str:
-    with netns.entered(ref):
-        out = subprocess.run(["ip", "-4", "-j", "addr", "show", "scope", "global"],
-                             capture_output=True, text=True).stdout
-    addrs = [a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])]
+    try:
+        with netns.entered(ref):
+            res = subprocess.run(["ip", "-4", "-j", "addr", "show", "dev", "eth0", "scope", "global"],
+                                 capture_output=True, text=True)
+    except OSError as exc:  # e.g. a path that is not a netns file: setns gives EINVAL
+        raise BadInputError(f"{ref} is not a network namespace ({exc.strerror or exc})") from None
+    # the node agent puts the pod's egress program on eth0 (fastpath.pod), so a netns
+    # without it can never be enrolled: refuse now instead of timing out later
+    if res.returncode != 0:
+        raise BadInputError(f"network namespace {ref} has no interface eth0",
+                            hint="the pod's interface must be called eth0")
+    addrs = [a["local"] for link in json.loads(res.stdout or "[]") for a in link.get("addr_info", [])]
     if not addrs:
-        raise BadInputError(f"network namespace {ref} has no global IPv4 address",
+        raise BadInputError(f"network namespace {ref} has no global IPv4 address on eth0",
                             hint="configure the pod's interface before attaching it")
     return addrs[0]
 
@@ -218,7 +230,13 @@ def _resolve_target(lab: str, pod: str, namespace: str | None):
     if "/" in pod or (netns.NETNS_RUN_DIR / pod).exists():
         path = str(netns.resolve(pod))
         name = (f"pid-{pod.split('/')[2]}" if pod.startswith("/proc/") else Path(pod).name)
-        return sock, namespace or "default", name, None, path
+        if namespace is None:
+            # the namespace it was attached in, so `detach NETNS` finds it without -n
+            from slowpath.control_client import call
+            namespace = next((o["metadata"]["namespace"] for o in call(sock, "get", kind="Pod")["objects"]
+                              if o["metadata"]["name"] == name and (o.get("spec") or {}).get("netns") == path),
+                             "default")
+        return sock, namespace, name, None, path
     raise NotFoundError(f"no pod {pod!r}: not a pod of lab {lab!r}, a netns under /run/netns, "
                         "or a /proc/PID/ns/net path",
                         hint=f"lab pods: {', '.join(p['name'] for p in state['pods'])}")
@@ -240,9 +258,10 @@ def attach(lab, pod, namespace, service_account, node_name) -> None:
     if obj and (obj.get("status") or {}).get("enrolled"):
         click.echo(f"pod {ns}/{name} is already attached", err=True)
         return
+    from meshlane import lab as labmod
     t0 = time.monotonic()
+    prev = ((obj or {}).get("metadata") or {}).get("labels", {}).get(C.LABEL_DATAPLANE_MODE)
     if labpod is None:
-        from meshlane import lab as labmod
         nodes = labmod.load_state(lab)["nodes"]
         node_name = node_name or nodes[0]["name"]
         if node_name not in {n["name"] for n in nodes}:
@@ -254,7 +273,23 @@ def attach(lab, pod, namespace, service_account, node_name) -> None:
     else:
         call(sock, "label", kind="Pod", namespace=ns, name=name,
              set={C.LABEL_DATAPLANE_MODE: C.DATAPLANE_AMBIENT}, remove=[], overwrite=True)
-    _wait_enrolled(sock, ns, name, True)
+    try:
+        _wait_enrolled(sock, ns, name, True)
+    except MeshError as exc:
+        # undo our request, so a pod the node agent could not enrol is not left behind
+        # half-attached (in the store, seen by the ztunnels, but not in the kernel)
+        try:
+            if labpod is None:
+                call(sock, "delete", kind="Pod", namespace=ns, name=name)
+            else:
+                call(sock, "label", kind="Pod", namespace=ns, name=name,
+                     set={} if prev is None else {C.LABEL_DATAPLANE_MODE: prev},
+                     remove=[C.LABEL_DATAPLANE_MODE] if prev is None else [], overwrite=True)
+        except MeshError:
+            pass
+        node_of = labpod["node"] if labpod else node_name
+        raise UnavailableError(f"attaching {ns}/{name} failed and was rolled back: {exc.message}",
+                               hint=f"see {labmod.LabPaths(lab).run / 'logs' / f'node-{node_of}.log'}") from None
     click.echo(f"attached {ns}/{name} in {(time.monotonic() - t0) * 1000:.0f} ms", err=True)
 
 
@@ -304,8 +339,8 @@ def _parse_labels(items: tuple[str, ...]) -> tuple[dict, list]:
 def label(lab, kind, name, labels, namespace, overwrite) -> None:
     """Set (key=value) or remove (key-) labels, kubectl style."""
     from slowpath.control_client import call
+    sets, removes = _parse_labels(labels)  # a usage error first, whether the lab is up or not
     sock = _control(lab)
-    sets, removes = _parse_labels(labels)
     k = "Namespace" if kind in ("namespace", "ns") else "Pod"
     args = {"namespace": namespace} if k == "Pod" else {}
     if k == "Namespace" and _pod_obj(sock, "", "") is None:
@@ -379,6 +414,8 @@ def bpf_counters(lab, node_name, output) -> None:
     _need_root("reading BPF maps")
     state = labmod.load_state(lab)
     names = [n["name"] for n in state["nodes"]] if node_name is None else [node_name]
+    if node_name is not None and node_name not in {n["name"] for n in state["nodes"]}:
+        raise UsageError(f"no node {node_name!r} in lab {lab!r}")
     out = {n: NodeDatapath(labmod.LabPaths(lab).pin_name(n)).counters() for n in names}
     emit(out, output, table=lambda d: [("NODE", "COUNTER", "VALUE")] +
          [(n, k, v) for n, cs in d.items() for k, v in cs.items()])

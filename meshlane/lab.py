@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,9 +38,20 @@ def progress(msg: str) -> None:
     print(f"meshlane: {msg}", file=sys.stderr, flush=True)
 
 
+# One word: `<lab>-` must not be a prefix of another lab's namespaces and pins (lab `ml`
+# would otherwise tear down lab `ml-x`), and the name becomes a path under RUN_ROOT, so
+# `/` or `..` must never reach `down`'s rmtree.
+LAB_NAME_RE = re.compile(r"^[a-z0-9]{1,16}$")
+
+
 @dataclass
 class LabPaths:
     name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not LAB_NAME_RE.match(self.name):
+            raise UsageError(f"lab name {self.name!r} is not valid",
+                             hint="use 1-16 lowercase letters and digits, e.g. --lab ml2")
 
     @property
     def run(self) -> Path:
