@@ -343,12 +343,7 @@ def label(lab, kind, name, labels, namespace, overwrite) -> None:
     sock = _control(lab)
     k = "Namespace" if kind in ("namespace", "ns") else "Pod"
     args = {"namespace": namespace} if k == "Pod" else {}
-    if k == "Namespace" and _pod_obj(sock, "", "") is None:
-        from slowpath.control_client import ControlError
-        try:
-            call(sock, "get", kind="Namespace", name=name)
-        except (NotFoundError, ControlError):
-            call(sock, "put", object={"kind": "Namespace", "metadata": {"name": name, "labels": {}}})
+    # an unknown namespace or pod is NotFound (66), as kubectl answers; nothing is created
     call(sock, "label", kind=k, name=name, set=sets, remove=removes, overwrite=overwrite, **args)
     click.echo(f"{k.lower()}/{name} labeled", err=True)
 

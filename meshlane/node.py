@@ -169,9 +169,20 @@ class NodeAgent:
                 log.warning("ztunnel could not take %s: %s (kernel still enrolls: fail closed)", uid, err)
         except OSError:
             log.info("no ztunnel connected yet; %s is enrolled in the kernel and waits for it", uid)
-        took = fpod.attach_pod(self.dp, fpod.PodRef(
-            key=key, pod_id=fpod.pod_number(key), netns=path, ip=status["podIP"],
-            node_netns=spec.get("nodeNetns"), host_veth=spec.get("hostVeth")))
+        try:
+            took = fpod.attach_pod(self.dp, fpod.PodRef(
+                key=key, pod_id=fpod.pod_number(key), netns=path, ip=status["podIP"],
+                node_netns=spec.get("nodeNetns"), host_veth=spec.get("hostVeth")))
+        except BaseException:
+            # undo both halves: the ztunnel must not keep listening in a pod the kernel
+            # does not redirect, and no pin of a half-attached pod may stay behind
+            self.enrolled.pop(uid, None)
+            fpod.detach_pod(self.dp, key, pod_netns=path if _exists(path) else None)
+            try:
+                self.zds.send({"type": "del", "uid": uid})
+            except OSError:
+                pass
+            raise
         control_client.call(self.control_socket, "set_status", kind="Pod", name=meta["name"],
                             namespace=info["namespace"], status={"enrolled": True})
         log.info("enrolled %s (kernel attach %.1f ms, total %.1f ms)", uid, took * 1000,
@@ -209,9 +220,6 @@ class NodeAgent:
                         await loop.run_in_executor(None, self.enrol, pod)
                     except MeshError as exc:
                         log.error("enrolling %s failed: %s", uid, exc)
-                        self.enrolled.pop(uid, None)
-                        ns, name = uid.split("/", 1)
-                        fpod.detach_pod(self.dp, fpod.pod_key(ns, name))
 
     async def run(self) -> None:
         t0 = time.monotonic()

@@ -220,6 +220,12 @@ def test_label_with_a_bad_argument_is_a_usage_error(lab, labels):
     fails(ml("label", "namespace", "demo", *labels, lab=lab), EX_USAGE, "label")
 
 
+def test_label_of_an_unknown_namespace_is_not_found_and_creates_nothing(lab):
+    fails(ml("label", "namespace", "nosuchns", "a=b", lab=lab), EX_NOINPUT, "nosuchns")
+    got = ml("label", "namespace", "nosuchns", "a=b", lab=lab)  # still absent the second time
+    assert got.returncode == EX_NOINPUT
+
+
 def test_label_usage_errors_come_before_lab_lookup(absent):
     fails(ml("label", "namespace", "demo", "bad", lab=absent), EX_USAGE, "'bad'")
     fails(ml("label", "deployment", "x", "a=b", lab=absent), EX_USAGE)
