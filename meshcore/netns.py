@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import socket
+import threading
 from pathlib import Path
 
 from meshcore.errors import NeedsRootError, NotFoundError
@@ -48,21 +49,36 @@ def open_netns(ref: str | os.PathLike) -> int:
     return os.open(resolve(ref), os.O_RDONLY | os.O_CLOEXEC)
 
 
+_home = threading.local()
+
+
+def _home_fd() -> int:
+    """An fd of the netns this thread was in when it first entered another one.
+
+    Cached per thread: the ztunnel enters pod namespaces on every connection it opens,
+    and reopening /proc/thread-self/ns/net each time would cost a path walk per connect.
+    """
+    fd = getattr(_home, "fd", None)
+    if fd is None:
+        fd = _home.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
 @contextlib.contextmanager
 def entered(target: str | os.PathLike | int):
-    """Run the body with the current thread inside `target` (a name, a path or an fd)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    """Run the body with the current thread inside `target` (a name, a path or an fd),
+    then return to the thread's home netns.  Do not nest: the body runs in `target`."""
+    home = _home_fd()
     fd = target if isinstance(target, int) else open_netns(target)
     try:
         _setns(fd)
         try:
             yield
         finally:
-            _setns(own)
+            _setns(home)
     finally:
         if not isinstance(target, int):
             os.close(fd)
-        os.close(own)
 
 
 def cookie_of(target: str | os.PathLike | int) -> int:

@@ -7,7 +7,6 @@ stderr, one-line errors `meshlane: <what> (<what to check>)` with sysexits-style
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import os

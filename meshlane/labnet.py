@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 
 from meshcore.errors import MeshError
-from meshlane.topology import NodeSpec, PodSpec, Topology
+from meshlane.topology import NodeSpec, Topology
 
 
 @dataclass(frozen=True, kw_only=True)

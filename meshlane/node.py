@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 from meshcore import constants as C
 from meshcore import netns
@@ -116,6 +115,7 @@ class NodeAgent:
         self.enrolled: dict[str, tuple[dict, str]] = {}  # uid -> (zds info, netns path)
         self.zds = ZdsServer(zds_socket, lambda: list(self.enrolled.values()))
         self.changed = asyncio.Event()
+        self.synced = asyncio.Event()   # set by the first snapshot from the control plane
 
     @staticmethod
     def uid(pod: dict) -> str:
@@ -126,6 +126,7 @@ class NodeAgent:
             self.pods = {self.uid(o): o for o in msg["objects"]
                          if o["kind"] == "Pod" and o.get("spec", {}).get("nodeName") == self.node}
             self.namespaces = {o["metadata"]["name"]: o for o in msg["objects"] if o["kind"] == "Namespace"}
+            self.synced.set()
         else:
             o = msg["object"]
             if o["kind"] == "Namespace":
@@ -230,20 +231,13 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         # first snapshot, then reconcile: pods that are attached in the kernel already
         # (agent restart) are re-registered, not re-attached
-        first = asyncio.Event()
-        orig = self._on_event
-
-        def on_event(msg):
-            orig(msg)
-            first.set()
-        self._on_event = on_event
         self._watch_task = loop.create_task(self.watch())  # held: tasks are weakly referenced
-        await first.wait()
+        await self.synced.wait()
         attached = set(fpod.attached_keys(self.dp))
         for uid, pod in self._desired().items():
             ns, name = uid.split("/", 1)
             if fpod.pod_key(ns, name) in attached:
-                meta, spec = pod["metadata"], pod["spec"]
+                spec = pod["spec"]
                 self.enrolled[uid] = ({"uid": uid, "name": name, "namespace": ns,
                                        "serviceAccount": spec.get("serviceAccountName", "default"),
                                        "ip": pod["status"]["podIP"]}, spec["netns"])

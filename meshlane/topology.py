@@ -139,7 +139,7 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
             raise _fail(src, f"{at}.node", f"{node!r} is not one of the nodes {sorted(node_names)}")
         per_node[node] = per_node.get(node, 0) + 1
         if per_node[node] > 200:
-            raise _fail(src, f"{at}.node", f"at most 200 pods per node")
+            raise _fail(src, f"{at}.node", "at most 200 pods per node")
         ns = _name(src, f"{at}.namespace", p.get("namespace", "default"))
         namespaces.setdefault(ns, {})
         sa = _name(src, f"{at}.serviceAccount", p.get("serviceAccount", "default"))

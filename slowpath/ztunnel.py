@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
-import ipaddress
 import json
 import logging
 import os

@@ -6,7 +6,6 @@ to an echo server; checks data both ways, half-close, refusal and the PING keepa
 from __future__ import annotations
 
 import asyncio
-import ssl
 from datetime import timedelta
 
 import pytest
@@ -147,8 +146,7 @@ def test_keepalive_pings_a_live_peer_and_drops_a_dead_one(pki):
         assert not live.dead, "a peer that answers PINGs stays pooled"
         live.close()
 
-        # a peer that finishes TLS and then goes silent: TLS in a blocking thread, then nothing
-        loop = asyncio.get_running_loop()
+        # a peer that finishes TLS and then goes silent
         server_ctx = tls.server_context(pki[1])
 
         async def silent(reader, writer):
