@@ -217,3 +217,22 @@ def test_detach_and_unpin_leave_nothing(two_nodes):
     dp.close()
     loader.unpin_node(dp.node)
     assert not loader.pin_dir(dp.node).exists()
+
+
+def test_ctypes_mirrors_match_the_layout_clang_gave_the_maps(two_nodes):
+    """The structs in meshcore.abi against the key/leaf types bcc derived from clang."""
+    lab, pods, dps = two_nodes
+    b = dps["node1"].bpf
+    expect = {"mesh_pods": (ctypes.c_uint64, abi.PodInfo),
+              "mesh_sk_dst": (ctypes.c_uint64, abi.Dst),
+              "mesh_orig_dst": (abi.OrigKey, abi.Dst),
+              "mesh_inb_pass": (abi.PassKey, ctypes.c_uint32),
+              "mesh_veth": (ctypes.c_uint32, abi.VethInfo)}
+    for name, (key, leaf) in expect.items():
+        table = b[name.encode()]
+        for ours, theirs in ((key, table.Key), (leaf, table.Leaf)):
+            assert ctypes.sizeof(ours) == ctypes.sizeof(theirs), (name, ours)
+            if hasattr(ours, "_fields_"):
+                got = [(f[0], getattr(theirs, f[0]).offset) for f in theirs._fields_ if not f[0].startswith("__pad")]
+                want = [(f[0], getattr(ours, f[0]).offset) for f in ours._fields_]
+                assert got == want, (name, got, want)
