@@ -81,7 +81,7 @@ def load_state(lab: str) -> dict:
 
 def _spawn(args: list[str], log: Path, *, netns_name: str | None = None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ([ "ip", "netns", "exec", netns_name] if netns_name else []) + args
+    cmd = (["ip", "netns", "exec", netns_name] if netns_name else []) + args
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd="/")
