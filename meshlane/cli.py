@@ -304,12 +304,13 @@ def detach(lab, pod, namespace) -> None:
     obj = _pod_obj(sock, ns, name)
     if obj is None or not (obj.get("status") or {}).get("enrolled"):
         raise UsageError(f"pod {ns}/{name} is not attached", hint="see `meshlane lab status`")
+    # label it out first and wait for the node agent to report it unenrolled (kernel
+    # state and ztunnel listeners gone); only then forget a pod that is not the lab's
+    call(sock, "label", kind="Pod", namespace=ns, name=name,
+         set={C.LABEL_DATAPLANE_MODE: C.DATAPLANE_NONE}, remove=[], overwrite=True)
+    _wait_enrolled(sock, ns, name, False)
     if labpod is None:
         call(sock, "delete", kind="Pod", namespace=ns, name=name)
-    else:
-        call(sock, "label", kind="Pod", namespace=ns, name=name,
-             set={C.LABEL_DATAPLANE_MODE: C.DATAPLANE_NONE}, remove=[], overwrite=True)
-    _wait_enrolled(sock, ns, name, False)
     click.echo(f"detached {ns}/{name}", err=True)
 
 
