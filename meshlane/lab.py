@@ -325,6 +325,10 @@ def down(lab: str, *, quiet: bool = False) -> dict:
     removed = labnet.teardown(lab, labnet.lab_netns(lab))
     if paths.run.exists():
         shutil.rmtree(paths.run)
+    try:
+        RUN_ROOT.rmdir()  # only when no other lab is left
+    except OSError:
+        pass
     if not quiet:
         progress(f"lab {lab!r} down: stopped {len(stopped)} processes, removed {len(removed)} "
                  f"namespaces and {len(pins)} BPF pins")
