@@ -186,13 +186,27 @@ class Ztunnel:
                 pod.renew_handle = self.loop.call_later(10, self._renew, uid)
         self.spawn(renew())
 
-    def _socket_in(self, pod: LocalPod, *, mark: int, transparent: bool = False) -> socket.socket:
+    def _socket_in(self, pod: LocalPod, *, mark: int | None = None,
+                   transparent: bool = False) -> socket.socket:
+        """A non-blocking TCP socket that belongs to the pod's netns."""
         with netns.entered(pod.netns_fd):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if mark is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if transparent:
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         s.setblocking(False)
+        return s
+
+    async def _dial_from(self, pod: LocalPod, dst: tuple[str, int]) -> socket.socket:
+        """Connect from inside the pod as the ztunnel (mark 0x539: connect4 and the
+        pod's egress program let it through); 10 s to connect."""
+        s = self._socket_in(pod, mark=C.MARK_ZTUNNEL)
+        try:
+            await asyncio.wait_for(self.loop.sock_connect(s, dst), 10)
+        except BaseException:
+            s.close()
+            raise
         return s
 
     async def _listen(self, pod: LocalPod) -> None:
@@ -200,8 +214,7 @@ class Ztunnel:
                  ("0.0.0.0", C.PORT_INBOUND_PLAIN, self._paused_factory(self._plain_in, pod), C.LISTENER_PLAIN),
                  ("0.0.0.0", C.PORT_HBONE, self._hbone_factory(pod), C.LISTENER_HBONE)]
         for addr, port, factory, kind in specs:
-            with netns.entered(pod.netns_fd):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = self._socket_in(pod)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((addr, port))
@@ -210,7 +223,6 @@ class Ztunnel:
                 raise MeshError(f"cannot listen on {addr}:{port} in pod {pod.uid}: {exc}",
                                 hint="is another ztunnel (or the app) already bound there?") from None
             s.listen(1024)
-            s.setblocking(False)
             server = await self.loop.create_server(factory, sock=s, backlog=1024)
             pod.servers.append(server)
             if kind is not None:
@@ -239,7 +251,7 @@ class Ztunnel:
         target = self.workloads.find(dst[0])
         try:
             if target is not None and target.enrolled:
-                await self._hbone_out(pod, app, dst, target)
+                await self._hbone_out(pod, app, peer[1], dst, target)
             else:
                 await self._passthrough(pod, app, dst)
         except Exception as exc:
@@ -249,12 +261,7 @@ class Ztunnel:
                 app.transport.abort()
 
     async def _passthrough(self, pod: LocalPod, app: AppSide, dst: tuple[str, int]) -> None:
-        s = self._socket_in(pod, mark=C.MARK_ZTUNNEL)
-        try:
-            await asyncio.wait_for(self.loop.sock_connect(s, dst), 10)
-        except BaseException:
-            s.close()
-            raise
+        s = await self._dial_from(pod, dst)
         _, up = await self.loop.create_connection(AppSide, sock=s)
         started = time.monotonic()
         Pipe(app, up, on_close=lambda a, b: self.record(
@@ -283,12 +290,7 @@ class Ztunnel:
                 fut.set_result(None)
 
     async def _dial(self, pod: LocalPod, target: Workload, key: tuple) -> HboneLink:
-        s = self._socket_in(pod, mark=C.MARK_ZTUNNEL)
-        try:
-            await asyncio.wait_for(self.loop.sock_connect(s, (str(target.ip), C.PORT_HBONE)), 10)
-        except BaseException:
-            s.close()
-            raise
+        s = await self._dial_from(pod, (str(target.ip), C.PORT_HBONE))
         _, link = await self.loop.create_connection(
             lambda: HboneLink(context=pod.client_ctx, server_side=False,
                               expected_peer=target.spiffe, on_idle=self._idle(key)), sock=s)
@@ -302,21 +304,20 @@ class Ztunnel:
                 if link in links:
                     links.remove(link)
                 return
-            link._idle_at = time.monotonic()
+            link.idle_since = time.monotonic()
             self.loop.call_later(C.POOL_IDLE_TIMEOUT_S, self._close_if_idle, key, link)
         return on_idle
 
     def _close_if_idle(self, key: tuple, link: HboneLink) -> None:
-        if not link.dead and link.load == 0 and \
-                time.monotonic() - getattr(link, "_idle_at", 0) >= C.POOL_IDLE_TIMEOUT_S - 1:
+        if not link.dead and link.load == 0 and link.idle_since is not None and \
+                time.monotonic() - link.idle_since >= C.POOL_IDLE_TIMEOUT_S - 1:
             link.close()
 
-    async def _hbone_out(self, pod: LocalPod, app: AppSide, dst: tuple[str, int],
-                         target: Workload) -> None:
+    async def _hbone_out(self, pod: LocalPod, app: AppSide, client_port: int,
+                         dst: tuple[str, int], target: Workload) -> None:
         link = await self._link_for(pod, target)
-        client = app.transport.get_extra_info("peername")
         headers = [
-            ("forwarded", f'for="{pod.ip}:{client[1]}"'),
+            ("forwarded", f'for="{pod.ip}:{client_port}"'),
             ("baggage", f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name},"
                         f"service.name={pod.service_account}"),
             ("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),
@@ -381,7 +382,7 @@ class Ztunnel:
     async def _hbone_in(self, pod: LocalPod, link: HboneLink, e: ev.StreamRequested) -> None:
         peer_ip = link.peer_addr[0]
         src_id = link.peer_identity.uri if link.peer_identity else None
-        common = dict(direction="inbound", protocol="HBONE", src=f"{peer_ip}", src_identity=src_id,
+        common = dict(direction="inbound", protocol="HBONE", src=peer_ip, src_identity=src_id,
                       dst=e.authority, dst_workload=pod.uid, dst_identity=pod.spiffe.uri)
         if e.host != pod.ip:
             link.codec.reject(e.stream_id, 503)
