@@ -163,6 +163,10 @@ class Tunnel:
     # app -> stream
     def _from_app(self, data: bytes) -> None:
         self.sent += len(data)
+        if not self.pending and not self.closed:
+            # nothing queued ahead of it: hand the chunk to the codec as it is, and queue
+            # only what the stream window does not take (saves two copies per chunk)
+            data = data[self.link.codec.send_data(self.sid, data):]
         self.pending += data
         self.pump()
 
@@ -271,6 +275,7 @@ class HboneLink(asyncio.Protocol):
         self.early_end: set[int] = set()
         self.dead = False
         self._keepalive: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # set by the pool when the last stream ends
         self._ping_sent_at: float | None = None
 
     # --- transport callbacks ---------------------------------------------------------
