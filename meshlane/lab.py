@@ -140,13 +140,15 @@ def wait_for(what: str, check, timeout: float, log: Path | None = None):
                            + (f" ({last})" if last else "") + tail)
 
 
-def http_get_in_netns(ns: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+def http_get_in_netns(ns: str, port: int, path: str, timeout: float = 2.0, *,
+                      ip: str = "127.0.0.1") -> tuple[int, str]:
+    """One HTTP/1.1 GET from inside netns `ns` to ip:port; (status, body)."""
     with netns.entered(ns):
         s = socket.socket()
     s.settimeout(timeout)
     with s:
-        s.connect(("127.0.0.1", port))
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        s.connect((ip, port))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while True:
             chunk = s.recv(65536)

@@ -44,20 +44,8 @@ def lab():
 
 
 def http_get(ns: str, ip: str, port: int = 8080, path: str = "/", timeout: float = 5.0) -> dict:
-    with netns.entered(ns):
-        s = socket.socket()
-    s.settimeout(timeout)
-    with s:
-        s.connect((ip, port))
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+    code, body = labmod.http_get_in_netns(ns, port, path, timeout, ip=ip)
+    assert code == 200, (code, body)
     return json.loads(body)
 
 
