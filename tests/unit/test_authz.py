@@ -1,0 +1,222 @@
+"""The policy model on its own: parsing, validation messages, warnings, evaluation, and
+the kernel compiler checked against the evaluator it partially evaluates."""
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+import yaml
+
+from meshcore import authz
+from meshcore import constants as C
+from meshcore.errors import BadInputError
+from meshcore.identity import SpiffeId
+from fastpath import policy as fpolicy
+
+
+def pol(spec: dict, name="p", ns="back", api="security.istio.io/v1") -> dict:
+    return {"apiVersion": api, "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def parsed(spec: dict, **kw) -> authz.Parsed:
+    return authz.parse(pol(spec, **kw), src="t.yaml")
+
+
+def conn(src_ip="10.0.0.1", port=8080, ident: tuple[str, str] | None = ("front", "web"),
+         dst_ip="10.244.1.11") -> authz.Conn:
+    sid = SpiffeId(namespace=ident[0], service_account=ident[1]) if ident else None
+    return authz.Conn(src_ip=ipaddress.ip_address(src_ip), dst_ip=ipaddress.ip_address(dst_ip),
+                      dst_port=port, src_identity=sid)
+
+
+def verdict(specs: list[dict], c: authz.Conn) -> bool:
+    policies = [parsed(s, name=f"p{i}").policy for i, s in enumerate(specs)]
+    return authz.evaluate([p for p in policies if p], c).allow
+
+
+def test_string_forms():
+    assert authz.StrMatch.parse("*").matches("x") and not authz.StrMatch.parse("*").matches("")
+    assert authz.StrMatch.parse("*/sa/web").matches("cluster.local/ns/front/sa/web")
+    assert authz.StrMatch.parse("cluster.local/ns/front/*").matches("cluster.local/ns/front/sa/web")
+    assert not authz.StrMatch.parse("front").matches("frontend")
+
+
+def test_plaintext_has_no_identity_even_for_presence():
+    allow_any = {"rules": [{"from": [{"source": {"principals": ["*"]}}]}]}
+    assert verdict([allow_any], conn()) is True
+    assert verdict([allow_any], conn(ident=None)) is False
+    deny_plain = {"action": "DENY", "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]}]}
+    assert verdict([deny_plain], conn(ident=None)) is False
+    assert verdict([deny_plain], conn()) is True
+
+
+def test_empty_rules_and_match_all():
+    assert verdict([{}], conn()) is False                      # ALLOW with no rules: nothing
+    assert verdict([{"rules": [{}]}], conn()) is True          # rules [{}]: everything
+    assert verdict([{"action": "DENY", "rules": [{}]}, {"rules": [{}]}], conn()) is False
+
+
+def test_l7_in_allow_drops_the_rule_and_warns_with_its_path():
+    p = parsed({"rules": [{"to": [{"operation": {"methods": ["GET"], "ports": ["8080"]}}]},
+                          {"to": [{"operation": {"ports": ["9090"]}}]}]})
+    assert [r.index for r in p.policy.rules] == [1]
+    assert any("rule 0 dropped" in w and "spec.rules[0].to[0].operation.methods" in w for w in p.warnings)
+
+
+def test_l7_in_deny_is_broader_or_inert():
+    broader = parsed({"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"], "ports": ["9090"]}}]}]})
+    assert not authz.evaluate([broader.policy], conn(port=9090)).allow
+    assert "broader" in broader.warnings[0]
+    inert = parsed({"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["DELETE"]}}]}]})
+    assert authz.evaluate([inert.policy], conn(port=9090)).allow
+    assert "denies nothing" in inert.warnings[0]
+    when_l7 = parsed({"action": "DENY", "rules": [{"when": [{"key": "request.headers[x]", "values": ["a"]}]}]})
+    assert authz.evaluate([when_l7.policy], conn()).allow
+
+
+def test_service_accounts_short_form_uses_policy_namespace_and_ignore_trust_domain():
+    p = parsed({"rules": [{"from": [{"source": {"serviceAccounts": ["web", "ops/admin"]}}]}]}, ns="front")
+    other_td = authz.Conn(src_ip=ipaddress.ip_address("10.0.0.1"), dst_ip=ipaddress.ip_address("10.0.0.2"),
+                          dst_port=1, src_identity=SpiffeId(trust_domain="other.td", namespace="front",
+                                                            service_account="web"))
+    assert p.policy.first_match(other_td) is not None
+    assert p.policy.first_match(conn(ident=("ops", "admin"))) is not None
+    assert p.policy.first_match(conn(ident=("back", "web"))) is None
+
+
+def test_cidr_host_bits_are_masked_and_bare_ip_is_32():
+    p = parsed({"rules": [{"from": [{"source": {"ipBlocks": ["10.244.1.77/24", "10.250.0.5"]}}]}]})
+    assert p.policy.first_match(conn(src_ip="10.244.1.3")) is not None
+    assert p.policy.first_match(conn(src_ip="10.250.0.5")) is not None
+    assert p.policy.first_match(conn(src_ip="10.250.0.6")) is None
+
+
+def test_scope():
+    mesh = parsed({"rules": [{}]}, ns=C.ROOT_NAMESPACE).policy
+    nsw = parsed({"rules": [{}]}, ns="back").policy
+    sel_root = parsed({"selector": {"matchLabels": {"app": "api"}}, "rules": [{}]}, ns=C.ROOT_NAMESPACE).policy
+    sel = parsed({"selector": {"matchLabels": {"app": "api"}}, "rules": [{}]}, ns="back").policy
+    assert mesh.applies_to("front", {}) and mesh.scope == "Global"
+    assert nsw.applies_to("back", {}) and not nsw.applies_to("front", {})
+    assert sel_root.applies_to("front", {"app": "api"}) and not sel_root.applies_to("front", {})
+    assert sel.applies_to("back", {"app": "api", "x": "y"}) and not sel.applies_to("front", {"app": "api"})
+
+
+def test_targetrefs_audit_custom_are_ignored_with_a_warning():
+    for spec in ({"targetRefs": [{"kind": "Service", "group": "", "name": "api"}], "rules": [{}]},
+                 {"action": "AUDIT", "rules": [{}]},
+                 {"action": "CUSTOM", "provider": {"name": "ext"}, "rules": [{}]}):
+        p = parsed(spec)
+        assert p.policy is None and p.warnings
+
+
+@pytest.mark.parametrize("spec,path,reason", [
+    ({"action": "REJECT"}, "spec.action", "unsupported action"),
+    ({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]},
+     "spec.rules[0].from[0].source.ipBlocks[0]", "CIDR"),
+    ({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.300"]}}]}]},
+     "spec.rules[0].from[0].source.ipBlocks[0]", "IP address"),
+    ({"rules": [{"to": [{"operation": {"ports": ["70000"]}}]}]}, "spec.rules[0].to[0].operation.ports[0]", "port"),
+    ({"rules": [{"to": [{"operation": {"ports": [8080]}}]}]}, "spec.rules[0].to[0].operation.ports[0]", "quote"),
+    ({"rules": [{"when": [{"key": "destination.port", "values": ["x"]}]}]}, "spec.rules[0].when[0].values[0]", "port"),
+    ({"rules": [{"from": [{"source": {"principal": ["a"]}}]}]}, "spec.rules[0].from[0].source.principal",
+     "unknown field"),
+    ({"selectr": {}}, "spec.selectr", "unknown field"),
+    ({"action": "DENY"}, "spec.rules", "DENY without"),
+    ({"rules": [{"from": [{"source": {}}]}]}, "spec.rules[0].from[0].source", "must not be empty"),
+    ({"rules": [{"from": [{"source": {"serviceAccounts": ["a"], "principals": ["b"]}}]}]},
+     "spec.rules[0].from[0].source", "serviceAccounts"),
+    ({"rules": [{"from": [{"source": {"serviceAccounts": ["a*"]}}]}]},
+     "spec.rules[0].from[0].source.serviceAccounts[0]", "wildcard"),
+    ({"rules": [{"when": [{"key": "source.ip"}]}]}, "spec.rules[0].when[0]", "values"),
+])
+def test_bad_input_names_file_path_and_reason(spec, path, reason):
+    with pytest.raises(BadInputError) as e:
+        authz.parse(pol(spec), src="t.yaml", prefix="docs[1].")
+    msg = str(e.value)
+    assert msg.startswith(f"t.yaml: docs[1].{path}: "), msg
+    assert reason.lower() in msg.lower(), msg
+
+
+def test_api_versions():
+    assert authz.parse(pol({}, api="security.istio.io/v1beta1")).policy is not None
+    with pytest.raises(BadInputError, match="apiVersion"):
+        authz.parse(pol({}, api="security.istio.io/v2"))
+
+
+# --- the kernel compiler against the evaluator ------------------------------------------
+
+def _views():
+    def w(uid, ns, sa, ip, labels=(), enrolled=True):
+        return fpolicy.WorkloadView(uid=uid, namespace=ns, labels=tuple(sorted(labels)),
+                                    ip=ipaddress.IPv4Address(ip), enrolled=enrolled,
+                                    identity=SpiffeId(namespace=ns, service_account=sa))
+    return [w("front/web", "front", "web", "10.244.1.10", [("app", "web")]),
+            w("back/api", "back", "api", "10.244.1.11", [("app", "api")]),
+            w("back/db", "back", "db", "10.244.2.10", [("app", "db")]),
+            w("legacy/old", "legacy", "default", "10.244.2.12", enrolled=False)]
+
+
+POLICIES = [
+    pol({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.244.1.0/24"],
+                                                           "notIpBlocks": ["10.244.1.10/31"]}}],
+                                      "to": [{"operation": {"ports": ["9090"]}}]}]}, name="d1"),
+    pol({"rules": [{"from": [{"source": {"namespaces": ["front"]}}, {"source": {"ipBlocks": ["10.244.2.0/25"]}}],
+                    "to": [{"operation": {"notPorts": ["7070"]}}]},
+                   {"when": [{"key": "destination.port", "values": ["5432"]},
+                             {"key": "source.ip", "notValues": ["10.244.2.64/26"]}]}]},
+        name="a1", ns="back"),
+    pol({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+         "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]}]}, name="d2", ns=C.ROOT_NAMESPACE),
+]
+
+
+def test_compiled_entries_agree_with_the_evaluator_everywhere():
+    policies = [authz.parse(p).policy for p in POLICIES]
+    views = _views()
+    local = [fpolicy.LocalPod(pod_id=i + 1, workload=v) for i, v in enumerate(views) if v.enrolled]
+    outs = fpolicy.compile_out(policies, views, local)
+    ins = fpolicy.compile_in(policies, local)
+    rng = random.Random(7)
+    ports = [7070, 8080, 9090, 5432, 1, 65535]
+    for _ in range(3000):
+        d = rng.choice([v for v in views if v.enrolled])
+        port = rng.choice(ports)
+        want_scope = authz.in_scope(policies, d.namespace, dict(d.labels))
+        # source side: every local enrolled pod but the destination itself
+        src = rng.choice([lp for lp in local if lp.workload.uid != d.uid])
+        c = authz.Conn(src_ip=src.workload.ip, dst_ip=d.ip, dst_port=port, src_identity=src.workload.identity)
+        e = outs.get((src.pod_id, str(d.ip), port)) or outs.get((src.pod_id, str(d.ip), 0))
+        want = authz.evaluate(want_scope, c)
+        assert (e is None) == (not want_scope)
+        if e is not None:
+            assert (e[0] == C.VERDICT_ALLOW) == want.allow, (src.workload.uid, d.uid, port, want)
+        # destination side: plaintext from anywhere
+        ip = ipaddress.IPv4Address(rng.choice(["10.244.1.10", "10.244.1.11", "10.244.2.5", "10.244.2.70",
+                                               "10.244.2.130", "192.0.2.1"]) if rng.random() < .7
+                                   else rng.getrandbits(32))
+        c = authz.Conn(src_ip=ip, dst_ip=d.ip, dst_port=port)
+        cands = [(k[2].prefixlen, v) for k, v in ins.items() if k[0] == str(d.ip) and k[1] == port and ip in k[2]]
+        if not cands:
+            cands = [(k[2].prefixlen, v) for k, v in ins.items() if k[0] == str(d.ip) and k[1] == 0 and ip in k[2]]
+        want = authz.evaluate(want_scope, c)
+        if not want_scope:
+            assert not cands
+            continue
+        got = max(cands)[1]
+        assert (got[0] == C.VERDICT_ALLOW) == want.allow, (str(ip), d.uid, port, want)
+
+
+def test_rule_ids_are_stable_and_named():
+    p = authz.parse(POLICIES[1]).policy
+    names = fpolicy.rule_names([p])
+    rid = fpolicy.rule_id("back/a1", 1)
+    assert rid >= C.RULE_ID_FIRST and names[rid] == "back/a1 rule 1 (ALLOW)"
+    assert fpolicy.rule_id("back/a1", 1) == rid
+
+
+def test_yaml_round_trip_of_model_json_is_serialisable():
+    p = authz.parse(POLICIES[1]).policy
+    assert yaml.safe_dump(p.to_json())
