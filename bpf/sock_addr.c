@@ -7,12 +7,33 @@
  *   1. not TCP, or netns not enrolled on this node           -> untouched
  *   2. socket carries the ztunnel mark (mark & MASK == 0x539) -> untouched (ztunnel's own)
  *   3. destination is loopback or the pod's own IP            -> untouched
- *   4. otherwise remember the dialled address by socket cookie and rewrite the
- *      destination to 127.0.0.1:15001 (the pod's ztunnel outbound listener)
+ *   4. a policy entry for (this pod, destination ip, port or any port) says DENY
+ *                                 -> connect() fails with ECONNREFUSED, no packet is sent
+ *   5. otherwise remember the dialled address by socket cookie and rewrite the
+ *      destination to 127.0.0.1:15001 (the pod's ztunnel outbound listener); an ALLOW
+ *      entry is only counted: the destination's ztunnel checks the peer certificate again
  */
 #include "meshlane_abi.h"
 
 #define MESH_LOOPBACK_NET 0x7f000000u   /* 127.0.0.0/8, host order */
+#define MESH_ECONNREFUSED 111
+
+/* bcc 0.26 does not declare bpf_set_retval (cgroup programs, kernel >= 5.18). */
+#define mesh_set_retval(v) ((long (*)(int))BPF_FUNC_set_retval)(v)
+
+/* The verdict of the source-side policy entries for a connect, or NULL (no policy). */
+static __always_inline struct mesh_verdict *mesh_policy_out(__u32 pod_id, __u32 ip, __u16 port)
+{
+	struct mesh_pol_out_key key = {};
+	key.src_pod = pod_id;
+	key.dst_ip = ip;
+	key.dst_port = port;
+	struct mesh_verdict *v = mesh_pol_out.lookup(&key);
+	if (v)
+		return v;
+	key.dst_port = 0;
+	return mesh_pol_out.lookup(&key);
+}
 
 int mesh_connect4(struct bpf_sock_addr *ctx)
 {
@@ -32,6 +53,17 @@ int mesh_connect4(struct bpf_sock_addr *ctx)
 	if ((bpf_ntohl(dst) & 0xff000000u) == MESH_LOOPBACK_NET || dst == pod->ip) {
 		mesh_count(MESH_CNT_CONNECT_LOCAL_SKIP);
 		return 1;
+	}
+
+	struct mesh_verdict *verdict = mesh_policy_out(pod->pod_id, dst, bpf_ntohs((__u16)ctx->user_port));
+	if (verdict) {
+		mesh_count_rule(verdict->rule);
+		if (verdict->action == MESH_VERDICT_DENY) {
+			mesh_count(MESH_CNT_POLICY_OUT_DENY);
+			mesh_set_retval(-MESH_ECONNREFUSED);
+			return 0;
+		}
+		mesh_count(MESH_CNT_POLICY_OUT_ALLOW);
 	}
 
 	__u64 cookie = mesh_socket_cookie(ctx);

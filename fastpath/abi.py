@@ -31,6 +31,8 @@ def render_consts_header() -> str:
         f"#define MESH_LISTENER_HBONE {C.LISTENER_HBONE}",
         f"#define MESH_LISTENER_PLAIN {C.LISTENER_PLAIN}",
         f"#define MESH_POD_F_ENROLLED 0x{C.POD_F_ENROLLED:x}",
+        f"#define MESH_VERDICT_ALLOW {C.VERDICT_ALLOW}",
+        f"#define MESH_VERDICT_DENY {C.VERDICT_DENY}",
         "",
         "/* counter ids (mesh_counters index) */",
     ]

@@ -162,7 +162,8 @@ class NodeDatapath:
                               hint="see the verifier log above; is the kernel >= 6.6?") from exc
         self.compile_seconds = time.monotonic() - t0
         for name in ("mesh_pods", "mesh_sk_dst", "mesh_orig_dst", "mesh_listen",
-                     "mesh_inb_pass", "mesh_veth", "mesh_counters"):
+                     "mesh_inb_pass", "mesh_veth", "mesh_counters", C.MAP_POL_OUT, C.MAP_POL_IN,
+                     C.MAP_RULE_CNT):
             self.map_fds[name] = libbpf.obj_get(str(self.maps_dir / name))
         self._attach_cgroup()
 

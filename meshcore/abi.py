@@ -60,6 +60,25 @@ class VethInfo(ctypes.Structure):
     _fields_ = [("pod_ip", ctypes.c_uint32), ("pod_id", ctypes.c_uint32)]
 
 
+class PolOutKey(ctypes.Structure):
+    """struct mesh_pol_out_key { __u32 src_pod; __u32 dst_ip; /* be */ __u16 dst_port; /* host */
+                                 __u16 pad; };"""
+    _fields_ = [("src_pod", ctypes.c_uint32), ("dst_ip", ctypes.c_uint32),
+                ("dst_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Verdict(ctypes.Structure):
+    """struct mesh_verdict { __u32 rule; __u8 action; __u8 pad[3]; };"""
+    _fields_ = [("rule", ctypes.c_uint32), ("action", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class PolInKey(ctypes.Structure):
+    """struct mesh_pol_in_key { __u32 prefixlen; __u32 dst_ip; /* be */ __u32 dst_port; /* be */
+                                __u32 src_ip; /* be */ };  (LPM trie key)"""
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("dst_ip", ctypes.c_uint32),
+                ("dst_port", ctypes.c_uint32), ("src_ip", ctypes.c_uint32)]
+
+
 ABI_STRUCTS = {
     "mesh_pod_info": PodInfo,
     "mesh_dst": Dst,
@@ -67,6 +86,9 @@ ABI_STRUCTS = {
     "mesh_listen_key": ListenKey,
     "mesh_pass_key": PassKey,
     "mesh_veth_info": VethInfo,
+    "mesh_pol_out_key": PolOutKey,
+    "mesh_verdict": Verdict,
+    "mesh_pol_in_key": PolInKey,
 }
 
 

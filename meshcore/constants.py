@@ -67,7 +67,7 @@ CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 # --- kernel ABI ------------------------------------------------------------------------
 # Bumped whenever a map key/leaf layout changes; the loader refuses to reuse pinned maps
 # of another version (it names the pin directory to remove).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Map names (<= 15 chars, the kernel's BPF_OBJ_NAME_LEN - 1).
 MAP_PODS = "mesh_pods"          # netns cookie -> enrolled pod
@@ -77,6 +77,16 @@ MAP_LISTENERS = "mesh_listen"   # sockhash (pod ip, kind) -> ztunnel listener (s
 MAP_INB_PASS = "mesh_inb_pass"  # ztunnel -> app connections sk_lookup must not steer
 MAP_VETH = "mesh_veth"          # host-side veth ifindex -> pod ip (anti-spoofing)
 MAP_COUNTERS = "mesh_counters"  # per-cpu u64 per counter id below
+MAP_POL_OUT = "mesh_pol_out"    # (src pod, dst ip, dst port) -> verdict, decided at connect()
+MAP_POL_IN = "mesh_pol_in"      # LPM (dst pod ip, dst port, src ip/len) -> verdict for plaintext SYNs
+MAP_RULE_CNT = "mesh_rule_cnt"  # per-cpu hits per compiled rule id
+
+# Kernel policy verdicts (mesh_verdict.action) and the rule ids that are not a user's rule.
+VERDICT_ALLOW = 1
+VERDICT_DENY = 2
+RULE_NO_ALLOW_MATCH = 1    # denied: ALLOW policies are in scope and none matched
+RULE_NO_ALLOW_POLICY = 2   # allowed: only DENY policies in scope and none matched
+RULE_ID_FIRST = 16         # ids of users' rules start here (crc32 of "ns/name#index")
 
 LISTENER_HBONE = 0
 LISTENER_PLAIN = 1
@@ -96,4 +106,8 @@ COUNTERS = (
     "lookup_no_listener",     # enrolled pod, ztunnel listener missing: refused (fail closed)
     "egress_syn_dropped",     # in-pod TC egress dropped a SYN that was not the ztunnel's
     "spoof_dropped",          # host-veth TC ingress dropped a packet with a foreign source IP
+    "policy_out_allow",       # connect4: a policy entry allowed the connect (still via the ztunnel)
+    "policy_out_deny",        # connect4: a policy entry denied the connect (ECONNREFUSED, no packet)
+    "policy_in_allow",        # sk_lookup: plaintext SYN allowed by a policy entry (to 15006)
+    "policy_in_deny",         # sk_lookup: plaintext SYN denied by a policy entry (RST)
 )

@@ -13,6 +13,18 @@
 
 #ifndef MESH_PIN_DIR
 #error "MESH_PIN_DIR must be defined by the loader"
+/* Count one decision of a compiled rule (per-rule hits; ids come from the compiler). */
+static __always_inline void mesh_count_rule(__u32 rule)
+{
+	__u64 *v = mesh_rule_cnt.lookup(&rule);
+	if (v) {
+		*v += 1;
+	} else {
+		__u64 one = 1;
+		mesh_rule_cnt.update(&rule, &one);
+	}
+}
+
 #endif
 
 #define MESH_PIN(name) MESH_PIN_DIR "/" #name
@@ -70,6 +82,39 @@ struct mesh_veth_info {
 };
 _Static_assert(sizeof(struct mesh_veth_info) == 8, "mesh_veth_info");
 
+/* L4 authorization, compiled by the node agent (fastpath/policy.py) from the policies in
+ * scope for each destination.  mesh_verdict.rule names the deciding rule for counting
+ * (MESH_RULE_* below, or a user's rule id).
+ *
+ * mesh_pol_out: decided at connect() in an enrolled source pod, keyed by the source pod
+ * and the destination pod's IP and port; port 0 holds the verdict for every port without
+ * an entry of its own.  No entry: no policy applies, the ztunnel decides. */
+struct mesh_pol_out_key {
+	__u32 src_pod;   /* host: pod_id of the source pod (mesh_pod_info.pod_id) */
+	__u32 dst_ip;    /* be */
+	__u16 dst_port;  /* host; 0 = any other port */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct mesh_pol_out_key) == 12, "mesh_pol_out_key");
+
+struct mesh_verdict {
+	__u32 rule;      /* host: rule id */
+	__u8 action;     /* MESH_VERDICT_* */
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct mesh_verdict) == 8, "mesh_verdict");
+
+/* mesh_pol_in: plaintext SYNs into an enrolled pod (no identity: decidable from the
+ * source address and the port alone).  LPM trie: the destination and port are always
+ * matched in full, the source by prefix. */
+struct mesh_pol_in_key {
+	__u32 prefixlen; /* host: 64 + source prefix length */
+	__u32 dst_ip;    /* be: the pod's address */
+	__u32 dst_port;  /* be (32-bit); 0 = any other port */
+	__u32 src_ip;    /* be */
+};
+_Static_assert(sizeof(struct mesh_pol_in_key) == 16, "mesh_pol_in_key");
+
 BPF_TABLE_PINNED("hash", __u64, struct mesh_pod_info, mesh_pods, 4096, MESH_PIN(mesh_pods));
 BPF_TABLE_PINNED("lru_hash", __u64, struct mesh_dst, mesh_sk_dst, 65536, MESH_PIN(mesh_sk_dst));
 BPF_TABLE_PINNED("lru_hash", struct mesh_orig_key, struct mesh_dst, mesh_orig_dst, 65536,
@@ -78,6 +123,11 @@ BPF_TABLE_PINNED("lru_hash", struct mesh_pass_key, __u32, mesh_inb_pass, 65536,
 		 MESH_PIN(mesh_inb_pass));
 BPF_TABLE_PINNED("hash", __u32, struct mesh_veth_info, mesh_veth, 4096, MESH_PIN(mesh_veth));
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, mesh_counters, MESH_CNT_MAX, MESH_PIN(mesh_counters));
+BPF_TABLE_PINNED("hash", struct mesh_pol_out_key, struct mesh_verdict, mesh_pol_out, 262144,
+		 MESH_PIN(mesh_pol_out));
+BPF_TABLE_PINNED("lpm_trie", struct mesh_pol_in_key, struct mesh_verdict, mesh_pol_in, 65536,
+		 MESH_PIN(mesh_pol_in), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_hash", __u32, __u64, mesh_rule_cnt, 16384, MESH_PIN(mesh_rule_cnt));
 
 /* bcc has no pinned sockhash macro; this is BPF_SOCKHASH's table layout with the pin
  * path in the section name, which bcc's loader understands for every map type. */
@@ -104,6 +154,18 @@ static __always_inline void mesh_count(__u32 id)
 	__u64 *v = mesh_counters.lookup(&id);
 	if (v)
 		*v += 1;
+}
+
+/* Count one decision of a compiled rule (per-rule hits; ids come from the compiler). */
+static __always_inline void mesh_count_rule(__u32 rule)
+{
+	__u64 *v = mesh_rule_cnt.lookup(&rule);
+	if (v) {
+		*v += 1;
+	} else {
+		__u64 one = 1;
+		mesh_rule_cnt.update(&rule, &one);
+	}
 }
 
 #endif

@@ -227,7 +227,9 @@ def test_ctypes_mirrors_match_the_layout_clang_gave_the_maps(two_nodes):
               "mesh_sk_dst": (ctypes.c_uint64, abi.Dst),
               "mesh_orig_dst": (abi.OrigKey, abi.Dst),
               "mesh_inb_pass": (abi.PassKey, ctypes.c_uint32),
-              "mesh_veth": (ctypes.c_uint32, abi.VethInfo)}
+              "mesh_veth": (ctypes.c_uint32, abi.VethInfo),
+              "mesh_pol_out": (abi.PolOutKey, abi.Verdict),
+              "mesh_pol_in": (abi.PolInKey, abi.Verdict)}
     for name, (key, leaf) in expect.items():
         table = b[name.encode()]
         for ours, theirs in ((key, table.Key), (leaf, table.Leaf)):
