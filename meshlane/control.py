@@ -19,6 +19,7 @@ import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
+from meshcore import authz
 from meshcore import constants as C
 from meshcore.errors import BadInputError, MeshError, NotFoundError
 from meshcore.identity import SpiffeId
@@ -28,7 +29,7 @@ from slowpath.control_client import MAX_LINE
 log = logging.getLogger("meshlane.control")
 
 CLUSTER_SCOPED = {"Namespace", "Node"}
-KNOWN_KINDS = {"Namespace", "Node", "Pod"}
+KNOWN_KINDS = {"Namespace", "Node", "Pod", "AuthorizationPolicy"}
 
 
 def key_of(obj: dict) -> tuple[str, str, str]:
@@ -102,6 +103,14 @@ class Store:
         return bool(row) and hmac.compare_digest(row[0], hashlib.sha256(token.encode()).hexdigest())
 
 
+def _same(old: dict, new: dict) -> bool:
+    """Whether applying `new` over `old` changes nothing a user wrote."""
+    def strip(o: dict) -> dict:
+        meta = {k: v for k, v in (o.get("metadata") or {}).items() if k != "resourceVersion"}
+        return {**{k: v for k, v in o.items() if k != "status"}, "metadata": meta}
+    return strip(old) == strip(new)
+
+
 class ControlPlane:
     def __init__(self, *, state_dir: Path, socket_path: Path, cacerts: Path | None = None,
                  trust_domain: str = C.DEFAULT_TRUST_DOMAIN, cert_ttl: timedelta | None = None):
@@ -120,13 +129,99 @@ class ControlPlane:
     def _notify(self, event: str, obj: dict) -> None:
         for kinds, q in self.watchers:
             if obj.get("kind") in kinds:
-                q.put_nowait({"event": event, "object": obj})
+                q.put_nowait({"event": event, "object": obj, "rev": self.store.rev})
 
     # --- operations --------------------------------------------------------------
     def op_put(self, object: dict) -> dict:
         obj = self.store.put(object)
         self._notify("put", obj)
         return {"object": obj}
+
+    def _validate(self, obj, *, src: str, prefix: str) -> tuple[dict, list[str]]:
+        """Server-side validation of one applied object -> (object to store, warnings)."""
+        if isinstance(obj, dict) and obj.get("kind") == authz.KIND:
+            parsed = authz.parse(obj, src=src, prefix=prefix)
+            return parsed.object, parsed.warnings
+        if isinstance(obj, dict) and obj.get("kind") == "Namespace":
+            meta = obj.get("metadata")
+            if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+                raise BadInputError(f"{src}: {prefix}metadata.name: required")
+            labels = meta.get("labels") or {}
+            if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+                raise BadInputError(f"{src}: {prefix}metadata.labels: expected a mapping of strings")
+            if obj.get("apiVersion") not in (None, "v1"):
+                raise BadInputError(f"{src}: {prefix}apiVersion: Namespace is v1")
+            return {"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": meta["name"], "labels": labels}}, []
+        if not isinstance(obj, dict):
+            raise BadInputError(f"{src}: {prefix.rstrip('.') or '(document)'}: expected a mapping "
+                                f"(a Kubernetes object), got {type(obj).__name__}")
+        kind = obj.get("kind")
+        raise BadInputError(f"{src}: {prefix}kind: {kind!r} cannot be applied "
+                            f"(meshlane applies {authz.KIND} and Namespace)")
+
+    def op_apply(self, objects: list, src: str = "<input>", dry_run: bool = False) -> dict:
+        """Validate every object first, then store them all in one transaction: a bad
+        document leaves everything already applied as it was."""
+        if not isinstance(objects, list) or not objects:
+            raise BadInputError(f"{src}: no objects to apply")
+        checked, warnings = [], []
+        for i, obj in enumerate(objects):
+            body, warn = self._validate(obj, src=src, prefix=f"docs[{i}]." if len(objects) > 1 else "")
+            checked.append(body)
+            warnings += warn
+        keys = [key_of(o) for o in checked]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise BadInputError(f"{src}: {dup[0]} {dup[1]}/{dup[2]} appears twice")
+        if dry_run:
+            return {"results": [], "warnings": warnings, "rev": self.store.rev}
+        results, stored = [], []
+        self.store.db.execute("BEGIN")
+        try:
+            for obj, (kind, ns, name) in zip(checked, keys):
+                if ns:
+                    obj = {**obj, "metadata": {**obj["metadata"], "namespace": ns}}
+                old = self.store.get(kind, ns, name)
+                if old is not None and _same(old, obj):
+                    results.append({"kind": kind, "namespace": ns, "name": name, "result": "unchanged"})
+                    continue
+                if kind == "Namespace" and old is not None:  # apply replaces labels only
+                    merged = dict(old)
+                    merged["metadata"] = {**old["metadata"], "labels": obj["metadata"]["labels"]}
+                    obj = merged
+                stored.append(self.store.put(obj))
+                results.append({"kind": kind, "namespace": ns, "name": name,
+                                "result": "configured" if old is not None else "created"})
+            self.store.db.execute("COMMIT")
+        except BaseException:
+            self.store.db.execute("ROLLBACK")
+            self.store.rev = self.store.db.execute("SELECT v FROM meta WHERE k='rev'").fetchone()[0]
+            raise
+        for obj in stored:
+            self._notify("put", obj)
+        return {"results": results, "warnings": warnings, "rev": self.store.rev}
+
+    def op_delete_objects(self, objects: list, ignore_not_found: bool = False) -> dict:
+        """Delete several objects (as `delete -f`): all exist, or nothing is deleted."""
+        keys = []
+        for i, obj in enumerate(objects if isinstance(objects, list) else []):
+            if not isinstance(obj, dict):
+                raise BadInputError(f"docs[{i}]: expected a Kubernetes object")
+            keys.append(key_of(obj))
+        missing = [k for k in keys if self.store.get(*k) is None]
+        if missing and not ignore_not_found:
+            k = missing[0]
+            raise NotFoundError(f"{k[0]} {k[1] + '/' if k[1] else ''}{k[2]} not found; nothing deleted",
+                                hint="pass --ignore-not-found to delete the others")
+        results = []
+        for k in keys:
+            obj = self.store.delete(*k)
+            if obj is not None:
+                self._notify("delete", obj)
+            results.append({"kind": k[0], "namespace": k[1], "name": k[2],
+                            "result": "deleted" if obj is not None else "not found"})
+        return {"results": results, "rev": self.store.rev}
 
     def op_get(self, kind: str, namespace: str | None = None, name: str | None = None) -> dict:
         if name is not None:
@@ -237,7 +332,8 @@ class ControlPlane:
         self.watchers.append(entry)
         try:
             snap = [o for o in self.store.list() if o["kind"] in kinds]
-            writer.write(json.dumps({"event": "snapshot", "objects": snap}).encode() + b"\n")
+            writer.write(json.dumps({"event": "snapshot", "objects": snap,
+                                     "rev": self.store.rev}).encode() + b"\n")
             await writer.drain()
             while True:
                 ev = await q.get()

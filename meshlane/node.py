@@ -18,10 +18,15 @@ import socket
 import threading
 import time
 
+import ipaddress
+
+from meshcore import authz
 from meshcore import constants as C
 from meshcore import netns
 from meshcore.errors import MeshError, NotFoundError
+from meshcore.identity import SpiffeId
 from fastpath import loader
+from fastpath import policy as fpolicy
 from fastpath import pod as fpod
 from slowpath import control_client, zds
 
@@ -114,7 +119,12 @@ class NodeAgent:
         self.namespaces: dict[str, dict] = {}
         self.enrolled: dict[str, tuple[dict, str]] = {}  # uid -> (zds info, netns path)
         self.zds = ZdsServer(zds_socket, lambda: list(self.enrolled.values()))
+        self.all_pods: dict[str, dict] = {}    # uid -> Pod object (every node: destinations)
+        self.policies: dict[str, dict] = {}    # ns/name -> AuthorizationPolicy object
+        self.rev = 0                           # store revision of the last event seen
+        self.trust_domain = C.DEFAULT_TRUST_DOMAIN
         self.changed = asyncio.Event()
+        self.policy_changed = asyncio.Event()
         self.synced = asyncio.Event()   # set by the first snapshot from the control plane
 
     @staticmethod
@@ -122,14 +132,28 @@ class NodeAgent:
         return f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
 
     def _on_event(self, msg: dict) -> None:
+        self.rev = msg.get("rev", self.rev)
+        self.policy_changed.set()
         if msg["event"] == "snapshot":
             self.pods = {self.uid(o): o for o in msg["objects"]
                          if o["kind"] == "Pod" and o.get("spec", {}).get("nodeName") == self.node}
+            self.all_pods = {self.uid(o): o for o in msg["objects"] if o["kind"] == "Pod"}
             self.namespaces = {o["metadata"]["name"]: o for o in msg["objects"] if o["kind"] == "Namespace"}
+            self.policies = {self.uid(o): o for o in msg["objects"] if o["kind"] == authz.KIND}
             self.synced.set()
         else:
             o = msg["object"]
-            if o["kind"] == "Namespace":
+            if o["kind"] == "Pod":
+                if msg["event"] == "delete":
+                    self.all_pods.pop(self.uid(o), None)
+                else:
+                    self.all_pods[self.uid(o)] = o
+            if o["kind"] == authz.KIND:
+                if msg["event"] == "delete":
+                    self.policies.pop(self.uid(o), None)
+                else:
+                    self.policies[self.uid(o)] = o
+            elif o["kind"] == "Namespace":
                 if msg["event"] == "delete":
                     self.namespaces.pop(o["metadata"]["name"], None)
                 else:
@@ -144,7 +168,8 @@ class NodeAgent:
     async def watch(self) -> None:
         while True:
             try:
-                async for msg in control_client.watch(self.control_socket, ["Pod", "Namespace"]):
+                async for msg in control_client.watch(self.control_socket,
+                                                      ["Pod", "Namespace", authz.KIND]):
                     self._on_event(msg)
             except MeshError as exc:
                 log.warning("control watch: %s; retrying", exc)
@@ -206,6 +231,66 @@ class NodeAgent:
                 pass
         log.info("unenrolled %s", uid)
 
+    # --- L4 policy in the kernel ----------------------------------------------------------
+    def _views(self) -> tuple[list[fpolicy.WorkloadView], list[fpolicy.LocalPod]]:
+        views = {}
+        for uid, o in self.all_pods.items():
+            ip = (o.get("status") or {}).get("podIP")
+            if not ip:
+                continue
+            meta, spec = o["metadata"], o.get("spec") or {}
+            ns = meta.get("namespace", "default")
+            views[uid] = fpolicy.WorkloadView(
+                uid=uid, namespace=ns, labels=tuple(sorted((meta.get("labels") or {}).items())),
+                ip=ipaddress.IPv4Address(ip),
+                identity=SpiffeId(trust_domain=self.trust_domain, namespace=ns,
+                                  service_account=spec.get("serviceAccountName", "default")),
+                enrolled=bool((o.get("status") or {}).get("enrolled")))
+        local = [fpolicy.LocalPod(pod_id=fpod.pod_number(fpod.pod_key(*uid.split("/", 1))),
+                                  workload=views[uid])
+                 for uid in self.enrolled if uid in views]
+        # a local pod is a destination as soon as it is enrolled here, even before its
+        # status reached the store
+        for lp in local:
+            if not lp.workload.enrolled:
+                w = lp.workload
+                views[w.uid] = fpolicy.WorkloadView(uid=w.uid, namespace=w.namespace, labels=w.labels,
+                                                    ip=w.ip, identity=w.identity, enrolled=True)
+        return list(views.values()), local
+
+    def compile_policies(self) -> dict:
+        t0 = time.monotonic()
+        rev = self.rev
+        policies = authz.policies_from_objects(self.policies.values())
+        workloads, local = self._views()
+        want_out = fpolicy.compile_out(policies, workloads, local)
+        want_in = fpolicy.compile_in(policies, local)
+        st = fpolicy.sync(self.dp.map_fds[C.MAP_POL_OUT], self.dp.map_fds[C.MAP_POL_IN], want_out, want_in)
+        took = (time.monotonic() - t0) * 1000
+        if st.written or st.deleted:
+            log.info("policy: %d policies -> %d connect entries, %d plaintext entries "
+                     "(%d written, %d removed) in %.1f ms", len(policies), len(want_out), len(want_in),
+                     st.written, st.deleted, took)
+        return {"policyRevision": rev, "policies": len(policies), "connectEntries": len(want_out),
+                "plaintextEntries": len(want_in)}
+
+    async def policy_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        published = None
+        while True:
+            await self.policy_changed.wait()
+            self.policy_changed.clear()
+            try:
+                status = await loop.run_in_executor(None, self.compile_policies)
+                if status != published:
+                    await control_client.acall(self.control_socket, "set_status", kind="Node",
+                                               name=self.node, status=status)
+                    published = status
+            except MeshError as exc:
+                log.error("compiling policies failed: %s", exc)
+                await asyncio.sleep(0.5)
+                self.policy_changed.set()
+
     async def reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -221,6 +306,7 @@ class NodeAgent:
                         await loop.run_in_executor(None, self.enrol, pod)
                     except MeshError as exc:
                         log.error("enrolling %s failed: %s", uid, exc)
+            self.policy_changed.set()
 
     async def run(self) -> None:
         t0 = time.monotonic()
@@ -229,6 +315,10 @@ class NodeAgent:
                  self.node, time.monotonic() - t0, self.dp.root)
         self.zds.start()
         loop = asyncio.get_running_loop()
+        try:
+            self.trust_domain = (await control_client.acall(self.control_socket, "root"))["trustDomain"]
+        except MeshError as exc:
+            log.warning("cannot read the trust domain (%s); assuming %s", exc, self.trust_domain)
         # first snapshot, then reconcile: pods that are attached in the kernel already
         # (agent restart) are re-registered, not re-attached
         self._watch_task = loop.create_task(self.watch())  # held: tasks are weakly referenced
@@ -246,6 +336,7 @@ class NodeAgent:
             log.info("pod %s is attached in the kernel but no longer wanted: detaching", key)
             fpod.detach_pod(self.dp, key)
         self.changed.set()
+        self._policy_task = loop.create_task(self.policy_loop())
         await self.reconcile_loop()
 
 

@@ -22,6 +22,7 @@ class Workload:
     ip: ipaddress.IPv4Address
     enrolled: bool
     trust_domain: str = C.DEFAULT_TRUST_DOMAIN
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def uid(self) -> str:
@@ -51,7 +52,8 @@ class Workload:
         return cls(name=meta["name"], namespace=meta.get("namespace", "default"),
                    service_account=spec.get("serviceAccountName", "default"),
                    node=spec.get("nodeName", ""), ip=ipaddress.IPv4Address(ip),
-                   enrolled=bool(status.get("enrolled")), trust_domain=trust_domain)
+                   enrolled=bool(status.get("enrolled")), trust_domain=trust_domain,
+                   labels=tuple(sorted((meta.get("labels") or {}).items())))
 
 
 class WorkloadStore:

@@ -9,9 +9,11 @@ certificate (CSR to the control plane, renewed at half-life), and the connection
             CONNECT to <dst ip>:15008 from a socket in the source pod (mark 0x539),
             pooled per (src identity, dst identity, dst, src ip); otherwise plain TCP
             passthrough from the pod.
-  inbound   15008: mTLS, CONNECT -> transparent connect to the app (source = the
-            client's pod IP) -> 200, or 400/401/503; 15006: plaintext accepted
-            (permissive) and forwarded the same way.
+  inbound   15008: mTLS, CONNECT -> L4 authorization on the peer certificate's identity
+            -> transparent connect to the app (source = the client's pod IP) -> 200, or
+            400/401/503; 15006: plaintext, authorized as a peer without identity, then
+            forwarded the same way.  A policy change re-checks every live inbound
+            connection and closes those now denied.
 
 Readiness on 127.0.0.1:15021 and admin (config_dump, connections) on 127.0.0.1:15000,
 inside the node's netns when one is given.  Must not: load or attach BPF programs
@@ -31,9 +33,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from ipaddress import ip_address
 from pathlib import Path
 
-from meshcore import abi, bpfsys, netns
+from meshcore import abi, authz, bpfsys, netns
 from meshcore import constants as C
 from meshcore.errors import MeshError
 from meshcore.identity import SpiffeId
@@ -47,6 +50,11 @@ log = logging.getLogger("meshlane.ztunnel")
 access = logging.getLogger("meshlane.access")
 
 IP_TRANSPARENT = 19
+
+
+def _uid(obj: dict) -> str:
+    m = obj["metadata"]
+    return f"{m.get('namespace', 'default')}/{m['name']}"
 
 
 @dataclass
@@ -78,6 +86,11 @@ class Ztunnel:
         self.node_netns = node_netns
         self.trust_domain = trust_domain
         self.workloads = WorkloadStore(trust_domain)
+        self.policy_objs: dict[str, dict] = {}
+        self.policies: list[authz.Policy] = []
+        self.policy_rev = 0
+        self.policy_synced = False
+        self.live: dict[int, tuple[LocalPod, authz.Conn, AppSide]] = {}  # inbound, for re-checks
         self.pods: dict[str, LocalPod] = {}
         self.pool: dict[tuple, list[HboneLink]] = {}
         self.dialing: dict[tuple, asyncio.Future] = {}
@@ -336,6 +349,39 @@ class Ztunnel:
             dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200, bytes_sent=sent,
             bytes_received=recv, duration_ms=round((time.monotonic() - started) * 1000, 2)))
 
+    # --- authorization ----------------------------------------------------------------------
+    def authorize(self, pod: LocalPod, conn: authz.Conn) -> authz.Decision:
+        w = self.workloads.by_uid.get(pod.uid)
+        labels = dict(w.labels) if w is not None else {}
+        return authz.evaluate(authz.in_scope(self.policies, pod.namespace, labels), conn)
+
+    def _track(self, pod: LocalPod, conn: authz.Conn, up: AppSide, on_close):
+        """Remember a live inbound connection until it closes (policy re-checks)."""
+        key = id(up)
+        self.live[key] = (pod, conn, up)
+
+        def closed(*a):
+            self.live.pop(key, None)
+            on_close(*a)
+        return closed
+
+    def set_policies(self, objs: dict[str, dict], rev: int) -> None:
+        self.policy_objs = objs
+        self.policies = authz.policies_from_objects(objs.values())
+        self.policy_rev = rev
+        for key, (pod, conn, up) in list(self.live.items()):
+            d = self.authorize(pod, conn)
+            if not d.allow:
+                log.info("policy change: closing %s -> %s:%d of %s (%s)", conn.principal or conn.src_ip,
+                         conn.dst_ip, conn.dst_port, pod.uid, d)
+                self.record(direction="inbound", src=str(conn.src_ip), src_identity=
+                            conn.src_identity.uri if conn.src_identity else None, dst_workload=pod.uid,
+                            dst=f"{conn.dst_ip}:{conn.dst_port}", error="POLICY", reason=str(d),
+                            policy=d.policy, closed_by_policy_change=True)
+                self.live.pop(key, None)
+                if up.transport and not up.lost:
+                    up.transport.abort()
+
     # --- inbound ------------------------------------------------------------------------
     async def _connect_app(self, pod: LocalPod, src_ip: str, port: int) -> AppSide:
         """Connect to the app in `pod` as if from `src_ip` (the app sees the client)."""
@@ -360,6 +406,14 @@ class Ztunnel:
         peer = app.transport.get_extra_info("peername")
         local = app.transport.get_extra_info("sockname")
         started = time.monotonic()
+        conn = authz.Conn(src_ip=ip_address(peer[0]), dst_ip=ip_address(pod.ip), dst_port=local[1])
+        decision = self.authorize(pod, conn)
+        if not decision.allow:
+            self.record(direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
+                        dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, error="POLICY",
+                        reason=str(decision), policy=decision.policy)
+            app.transport.abort()
+            return
         try:
             up = await self._connect_app(pod, peer[0], local[1])
         except Exception as exc:
@@ -368,10 +422,10 @@ class Ztunnel:
                         reason=str(exc))
             app.transport.abort()
             return
-        Pipe(app, up, on_close=lambda a, b: self.record(
+        Pipe(app, up, on_close=self._track(pod, conn, up, lambda a, b: self.record(
             direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
             dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, bytes_received=a, bytes_sent=b,
-            duration_ms=round((time.monotonic() - started) * 1000, 2)))
+            duration_ms=round((time.monotonic() - started) * 1000, 2))))
 
     def _hbone_factory(self, pod: LocalPod):
         def factory():
@@ -389,6 +443,14 @@ class Ztunnel:
             link.flush()
             self.record(**common, status=503, error="CONNECT", reason="no such workload here")
             return
+        conn = authz.Conn(src_ip=ip_address(peer_ip), dst_ip=ip_address(pod.ip), dst_port=e.port,
+                          src_identity=link.peer_identity)
+        decision = self.authorize(pod, conn)
+        if not decision.allow:
+            link.codec.reject(e.stream_id, 401)
+            link.flush()
+            self.record(**common, status=401, error="POLICY", reason=str(decision), policy=decision.policy)
+            return
         started = time.monotonic()
         try:
             up = await self._connect_app(pod, peer_ip, e.port)
@@ -402,25 +464,39 @@ class Ztunnel:
             return
         link.codec.accept(e.stream_id)
         link.flush()
-        link.bind(e.stream_id, up, on_close=lambda sent, recv: self.record(
+        link.bind(e.stream_id, up, on_close=self._track(pod, conn, up, lambda sent, recv: self.record(
             **common, status=200, bytes_sent=recv, bytes_received=sent,
-            duration_ms=round((time.monotonic() - started) * 1000, 2)))
+            duration_ms=round((time.monotonic() - started) * 1000, 2))))
 
     # --- control plane watch -------------------------------------------------------------
     async def watch_workloads(self) -> None:
         while not self.stopping:
             try:
-                async for msg in control_client.watch(self.control_socket, ["Pod"]):
+                async for msg in control_client.watch(self.control_socket, ["Pod", authz.KIND]):
+                    rev = msg.get("rev", self.policy_rev)
                     if msg["event"] == "snapshot":
-                        self.workloads.replace_all(msg["objects"])
+                        self.workloads.replace_all([o for o in msg["objects"] if o["kind"] == "Pod"])
+                        self.set_policies({_uid(o): o for o in msg["objects"] if o["kind"] == authz.KIND}, rev)
+                        self.policy_synced = True
+                        continue
+                    o = msg["object"]
+                    if o["kind"] == authz.KIND:
+                        objs = dict(self.policy_objs)
+                        if msg["event"] == "delete":
+                            objs.pop(_uid(o), None)
+                        else:
+                            objs[_uid(o)] = o
+                        self.set_policies(objs, rev)
                     elif msg["event"] == "put":
-                        self.workloads.put(msg["object"])
+                        self.workloads.put(o)
+                        self.set_policies(self.policy_objs, rev)  # labels may change the scope
                     elif msg["event"] == "delete":
-                        m = msg["object"]["metadata"]
-                        self.workloads.delete(f"{m.get('namespace', 'default')}/{m['name']}")
+                        self.workloads.delete(_uid(o))
+                        self.policy_rev = rev
             except MeshError as exc:
                 log.warning("workload watch: %s; retrying", exc)
             self.workloads.synced = False
+            self.policy_synced = False
             await asyncio.sleep(0.5)
 
     # --- ZDS (node agent hands us pods) ---------------------------------------------------
@@ -475,10 +551,12 @@ class Ztunnel:
                           for p in self.pods.values()],
             "pool": [{"key": list(k), "connections": len(v), "streams": sum(l.load for l in v)}
                      for k, v in self.pool.items() if v],
+            "policyRevision": self.policy_rev,
+            "policies": [p.to_json() for p in sorted(self.policies, key=lambda p: p.key)],
         }
 
     def ready(self) -> bool:
-        return self.zds_synced and self.workloads.synced
+        return self.zds_synced and self.workloads.synced and self.policy_synced
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
