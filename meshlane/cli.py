@@ -348,6 +348,123 @@ def label(lab, kind, name, labels, namespace, overwrite) -> None:
     click.echo(f"{k.lower()}/{name} labeled", err=True)
 
 
+# --- resources ------------------------------------------------------------------------
+
+FILES = click.option("-f", "--filename", "files", multiple=True,
+                     help="YAML file with one or more documents (- for stdin); repeatable")
+
+
+@cli.command()
+@LAB
+@FILES
+def apply(lab, files) -> None:
+    """Create or update resources (AuthorizationPolicy, Namespace) from YAML files.
+
+    Every document of every file is validated before anything changes: one bad field
+    and nothing is applied.  Fields that do nothing at L4 are reported as warnings."""
+    from meshlane import resources
+    from slowpath.control_client import call
+    if not files:
+        raise UsageError("apply needs -f FILE")
+    loaded = [resources.read_docs(f) for f in files]  # YAML problems before anything else
+    sock = _control(lab)
+    for name, docs in loaded:
+        call(sock, "apply", objects=docs, src=name, dry_run=True)
+    for name, docs in loaded:
+        ans = call(sock, "apply", objects=docs, src=name)
+        for w in ans["warnings"]:
+            click.echo(f"Warning: {w}", err=True)
+        for r in ans["results"]:
+            click.echo(f"{resources.describe(r['kind'], r['name'])} {r['result']}")
+
+
+def _policy_row(o: dict) -> tuple:
+    spec = o.get("spec") or {}
+    meta = o["metadata"]
+    if spec.get("targetRef") or spec.get("targetRefs"):
+        scope = "targetRefs (waypoint)"
+    elif (spec.get("selector") or {}).get("matchLabels"):
+        scope = ",".join(f"{k}={v}" for k, v in spec["selector"]["matchLabels"].items())
+    else:
+        scope = "mesh-wide" if meta.get("namespace") == C.ROOT_NAMESPACE else "namespace"
+    rules = spec.get("rules")
+    return (meta.get("namespace", ""), meta["name"], spec.get("action", "ALLOW"), scope,
+            "none" if rules is None else str(len(rules)))
+
+
+@cli.command()
+@LAB
+@click.argument("resource")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=None, help="only this namespace (default: every namespace)")
+@OUTPUT
+def get(lab, resource, name, namespace, output) -> None:
+    """List resources: authorizationpolicies (ap), namespaces (ns), pods."""
+    from meshlane import resources
+    from slowpath.control_client import call
+    kind = resources.KIND_NAMES.get(resource.lower())
+    if kind is None:
+        raise UsageError(f"unknown resource type {resource!r}",
+                         hint=f"one of {', '.join(sorted(resources.KIND_NAMES))}")
+    sock = _control(lab)
+    args = {"kind": kind}
+    if namespace is not None and kind != "Namespace":
+        args["namespace"] = namespace
+    if name is not None:
+        args["name"] = name
+        if kind != "Namespace":
+            args["namespace"] = namespace or "default"
+    objs = call(sock, "get", **args)["objects"]
+    if output == "short" and not objs:
+        click.echo(f"No {resource} found" + (f" in namespace {namespace}" if namespace else ""), err=True)
+        return
+    data = objs if name is None or output == "short" else objs[0]
+    if kind == "AuthorizationPolicy":
+        table = lambda os_: [("NAMESPACE", "NAME", "ACTION", "SCOPE", "RULES")] + [_policy_row(o) for o in os_]
+    elif kind == "Namespace":
+        table = lambda os_: [("NAME", "LABELS")] + [(o["metadata"]["name"], ",".join(
+            f"{k}={v}" for k, v in (o["metadata"].get("labels") or {}).items()) or "<none>") for o in os_]
+    else:
+        table = lambda os_: [("NAMESPACE", "NAME", "NODE", "IP", "ENROLLED")] + [
+            (o["metadata"].get("namespace", ""), o["metadata"]["name"], o.get("spec", {}).get("nodeName", ""),
+             (o.get("status") or {}).get("podIP", ""), str(bool((o.get("status") or {}).get("enrolled"))).lower())
+            for o in os_]
+    emit(data, output, table=table)
+
+
+@cli.command()
+@LAB
+@click.argument("resource", required=False)
+@click.argument("name", required=False)
+@FILES
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--ignore-not-found", is_flag=True, help="delete what exists, without an error for the rest")
+def delete(lab, resource, name, files, namespace, ignore_not_found) -> None:
+    """Delete resources named in YAML files (-f) or by type and name."""
+    from meshlane import resources
+    from slowpath.control_client import call
+    if files and (resource or name):
+        raise UsageError("give either -f FILE or RESOURCE NAME, not both")
+    if files:
+        objs = []
+        for f in files:
+            src, docs = resources.read_docs(f)
+            for i, d in enumerate(docs):
+                if not isinstance(d, dict) or not isinstance((d.get("metadata") or {}).get("name"), str):
+                    raise BadInputError(f"{src}: docs[{i}].metadata.name: required to delete an object")
+                objs.append(d)
+    elif resource and name:
+        kind = resources.KIND_NAMES.get(resource.lower())
+        if kind is None:
+            raise UsageError(f"unknown resource type {resource!r}")
+        objs = [{"kind": kind, "metadata": {"name": name, "namespace": namespace}}]
+    else:
+        raise UsageError("delete needs -f FILE, or RESOURCE NAME")
+    ans = call(_control(lab), "delete_objects", objects=objs, ignore_not_found=ignore_not_found)
+    for r in ans["results"]:
+        click.echo(f"{resources.describe(r['kind'], r['name'])} {r['result']}")
+
+
 # --- inspection -----------------------------------------------------------------------
 
 @cli.group()
@@ -394,6 +511,22 @@ def zc_connections(lab, node_name, output) -> None:
            r.get("dst"), r.get("status", r.get("error", "ok"))) for r in rs])
 
 
+@zc.command("policies")
+@LAB
+@click.option("--node", "node_name", default=None, help="one node (default: every node)")
+@OUTPUT
+def zc_policies(lab, node_name, output) -> None:
+    """The L4 policies each node's ztunnel enforces (after dropping L7 fields)."""
+    from meshlane import lab as labmod
+    names = [n["name"] for n in labmod.load_state(lab)["nodes"]] if node_name is None else [node_name]
+    out = {n: _zt_dump(lab, n) for n in names}
+    data = {n: {"policyRevision": d.get("policyRevision"), "policies": d.get("policies", [])}
+            for n, d in out.items()}
+    emit(data, output, table=lambda d: [("NODE", "NAMESPACE", "NAME", "SCOPE", "ACTION", "RULES")] +
+         [(n, p["namespace"], p["name"], p["scope"] + (f" {p['selector']}" if p["selector"] else ""),
+           p["action"], len(p["rules"])) for n, v in d.items() for p in v["policies"]])
+
+
 @cli.group()
 def bpf() -> None:
     """Kernel state of a node."""
@@ -414,6 +547,66 @@ def bpf_counters(lab, node_name, output) -> None:
     out = {n: NodeDatapath(labmod.LabPaths(lab).pin_name(n)).counters() for n in names}
     emit(out, output, table=lambda d: [("NODE", "COUNTER", "VALUE")] +
          [(n, k, v) for n, cs in d.items() for k, v in cs.items()])
+
+
+@bpf.group("policy")
+def bpf_policy() -> None:
+    """Compiled L4 policy entries in the kernel."""
+
+
+@bpf_policy.command("get")
+@LAB
+@click.argument("pod")
+@click.option("-n", "--namespace", default=None)
+@OUTPUT
+def bpf_policy_get(lab, pod, namespace, output) -> None:
+    """Show POD's kernel policy entries (decided at its connect() and at SYN time for
+    plaintext into it), decoded, with the hits of each rule."""
+    from fastpath import policy as fpolicy
+    from fastpath.loader import NodeDatapath
+    from fastpath.pod import pod_key, pod_number
+    from meshcore import authz
+    from meshlane import lab as labmod
+    from slowpath.control_client import call
+    _need_root("reading BPF maps")
+    sock, ns, name, labpod, _ = _resolve_target(lab, pod, namespace)
+    obj = _pod_obj(sock, ns, name)
+    if obj is None:
+        raise NotFoundError(f"pod {ns}/{name} is not known to the control plane")
+    node_name = obj["spec"]["nodeName"]
+    ip = (obj.get("status") or {}).get("podIP")
+    dp = NodeDatapath(labmod.LabPaths(lab).pin_name(node_name))
+    import meshcore.bpfsys as libbpf
+    fds = {m: libbpf.obj_get(str(dp.maps_dir / m)) for m in (C.MAP_POL_OUT, C.MAP_POL_IN, C.MAP_RULE_CNT)}
+    try:
+        pid = pod_number(pod_key(ns, name))
+        outs = {k: v for k, v in fpolicy.read_out(fds[C.MAP_POL_OUT]).items() if k[0] == pid}
+        ins = {k: v for k, v in fpolicy.read_in(fds[C.MAP_POL_IN]).items() if k[0] == ip}
+        policies = authz.policies_from_objects(call(sock, "get", kind=authz.KIND)["objects"])
+        names = fpolicy.rule_names(policies)
+        hits = fpolicy.rule_hits(fds[C.MAP_RULE_CNT], {v[1] for v in list(outs.values()) + list(ins.values())})
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    by_ip = {(o.get("status") or {}).get("podIP"): f"{o['metadata']['namespace']}/{o['metadata']['name']}"
+             for o in call(sock, "get", kind="Pod")["objects"]}
+    verdict = {C.VERDICT_ALLOW: "ALLOW", C.VERDICT_DENY: "DENY"}
+
+    def row(peer, workload, port, e):
+        return {"peer": peer, "workload": workload, "port": port or "*", "verdict": verdict.get(e[0], e[0]),
+                "rule": e[1], "ruleName": names.get(e[1], "(unknown: policy changed since)"),
+                "ruleHits": hits.get(e[1], 0)}
+    data = {"pod": f"{ns}/{name}", "node": node_name, "ip": ip, "podId": pid,
+            "connect": [row(k[1], by_ip.get(k[1]), k[2], v) for k, v in sorted(outs.items())],
+            "plaintextIn": [row(str(k[2]), None, k[1], v) for k, v in
+                            sorted(ins.items(), key=lambda kv: (kv[0][1], kv[0][2]))],
+            "counters": {k: v for k, v in dp.counters().items() if k.startswith("policy_")}}
+    emit(data, output, table=lambda d: [("DIRECTION", "PEER", "PORT", "VERDICT", "RULE", "HITS")] +
+         [("out", f"{r['peer']} ({r['workload']})" if r["workload"] else r["peer"], r["port"], r["verdict"],
+           r["ruleName"], r["ruleHits"]) for r in d["connect"]] +
+         [("in-plaintext", r["peer"], r["port"], r["verdict"], r["ruleName"], r["ruleHits"])
+          for r in d["plaintextIn"]] +
+         [("node", k, "", "", "", v) for k, v in d["counters"].items()])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -250,18 +250,22 @@ def up(lab: str, topology_path: str | None, *, cacerts: str | None = None) -> di
         for p in topo.pods:
             if p.app == "http":
                 net = nets[p.name]
+                ports = [a for port in p.ports for a in ("--port", str(port))]
                 state["apps"][p.name] = _spawn([sys.executable, "-m", "meshlane.labapp", "--name", p.name,
-                                                "--port", "8080"], paths.run / "logs" / f"app-{p.name}.log",
+                                                *ports], paths.run / "logs" / f"app-{p.name}.log",
                                                netns_name=net.netns)
         _save(paths, state)
         for n in topo.nodes:
             wait_for(f"ztunnel on {n.name} to be ready", lambda n=n: ztunnel_ready(paths, n.name), 90,
                      paths.run / "logs" / f"ztunnel-{n.name}.log")
         wait_for_enrolment(paths, topo, 60)
+        specs = {p.name: p for p in topo.pods}
         for name, pid in state["apps"].items():
             net = nets[name]
-            wait_for(f"the app of {name}", lambda net=net: _port_open(net.netns, net.ip, 8080), 20,
-                     paths.run / "logs" / f"app-{name}.log")
+            for port in specs[name].ports:
+                wait_for(f"the app of {name} on port {port}",
+                         lambda net=net, port=port: _port_open(net.netns, net.ip, port), 20,
+                         paths.run / "logs" / f"app-{name}.log")
     except BaseException:
         progress("lab up failed; rolling back")
         try:

@@ -1,4 +1,4 @@
-"""The lab's pod application: an HTTP server on 8080 that answers with the peer it saw.
+"""The lab's pod application: an HTTP server (8080, or each --port) that answers with the peer it saw.
 
 Runs inside a pod's netns (started by `meshlane lab up`).  GET / returns JSON
 {"pod": name, "peer": "ip:port", "local": "ip:port"}; anything POSTed is echoed back
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
-    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--port", type=int, action="append", help="repeatable (default 8080)")
     args = ap.parse_args()
 
     class Handler(BaseHTTPRequestHandler):
@@ -43,7 +44,11 @@ def main() -> None:
             pass
 
     ThreadingHTTPServer.allow_reuse_address = True
-    ThreadingHTTPServer(("0.0.0.0", args.port), Handler).serve_forever()
+    ThreadingHTTPServer.daemon_threads = True
+    servers = [ThreadingHTTPServer(("0.0.0.0", port), Handler) for port in args.port or [8080]]
+    for srv in servers[1:]:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    servers[0].serve_forever()
 
 
 if __name__ == "__main__":

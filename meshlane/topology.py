@@ -45,6 +45,7 @@ class PodSpec:
     service_account: str
     app: str            # "http" (answers with the peer it saw) or "none"
     labels: dict = field(default_factory=dict)
+    ports: tuple[int, ...] = (8080,)   # where the http app listens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +129,7 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
         at = f"pods[{i}]"
         if not isinstance(p, dict):
             raise _fail(src, at, "expected a mapping with name, node, namespace, serviceAccount")
-        extra = set(p) - {"name", "node", "namespace", "serviceAccount", "app", "labels"}
+        extra = set(p) - {"name", "node", "namespace", "serviceAccount", "app", "labels", "ports"}
         if extra:
             raise _fail(src, f"{at}.{sorted(extra)[0]}", "unknown key")
         name = _name(src, f"{at}.name", p.get("name"))
@@ -149,8 +150,13 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
         labels = p.get("labels", {}) or {}
         if not isinstance(labels, dict):
             raise _fail(src, f"{at}.labels", "expected a mapping")
+        ports = p.get("ports", [8080])
+        if (not isinstance(ports, list) or not ports or len(ports) > 8 or
+                not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 65535
+                        and x not in (C.PORT_OUTBOUND, C.PORT_INBOUND_PLAIN, C.PORT_HBONE) for x in ports)):
+            raise _fail(src, f"{at}.ports", "expected 1-8 port numbers 1-65535, none of 15001/15006/15008")
         pods.append(PodSpec(name=name, node=node, namespace=ns, service_account=sa, app=app,
-                            labels={str(k): str(v) for k, v in labels.items()}))
+                            labels={str(k): str(v) for k, v in labels.items()}, ports=tuple(ports)))
     return Topology(nodes=tuple(nodes), pods=tuple(pods), namespaces=namespaces)
 
 
