@@ -26,6 +26,7 @@ from fastpath import loader
 from meshlane import lab as labmod
 from meshlane.ca import CertificateAuthority
 from slowpath import certs, control_client, tls
+from tests.root.meshtest import connect_status as _connect_status, node_cert as _node_cert, tls_to as _tls_to
 
 pytestmark = pytest.mark.root
 
@@ -154,55 +155,6 @@ def test_client_to_outside_the_mesh_is_passthrough(lab):
 
 
 # --- refusals at the HBONE listener ----------------------------------------------------
-
-def _node_cert(name: str, node: str, namespace: str, pod: str, sa: str) -> certs.WorkloadCert:
-    """A real workload certificate from the lab's CA, asked for as that node would."""
-    paths = labmod.LabPaths(name)
-    token = (paths.node_dir(node) / "token").read_text().strip()
-    spiffe = SpiffeId(namespace=namespace, service_account=sa)
-    key = certs.generate_key()
-    ans = control_client.call(str(paths.control_socket), "sign", node=node, token=token,
-                              namespace=namespace, pod=pod, csr=certs.make_csr(key, spiffe).decode())
-    return certs.WorkloadCert.from_pems(spiffe=spiffe, key_pem=certs.key_to_pem(key),
-                                        cert_pem=ans["cert"].encode(), chain_pem=ans["chain"].encode(),
-                                        root_pem=ans["root"].encode())
-
-
-def _tls_to(ns: str, ip: str, ctx: ssl.SSLContext) -> ssl.SSLSocket:
-    with netns.entered(ns):
-        raw = socket.socket()
-    raw.settimeout(5)
-    raw.connect((ip, C.PORT_HBONE))
-    return ctx.wrap_socket(raw, server_hostname=None)
-
-
-def _connect_status(sock: ssl.SSLSocket, authority: str, method: str = "CONNECT") -> int:
-    """Send one request on a fresh HTTP/2 connection with plain h2 (so the request can be
-    one our codec would refuse to send) and return the :status of the answer."""
-    import h2.config
-    import h2.connection
-    import h2.events
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, validate_outbound_headers=False, validate_inbound_headers=False))
-    conn.initiate_connection()
-    headers = [(":method", method), (":authority", authority)]
-    if method != "CONNECT":
-        headers += [(":scheme", "https"), (":path", "/")]
-    conn.send_headers(1, headers)
-    sock.sendall(conn.data_to_send())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        data = sock.recv(65536)
-        if not data:
-            break
-        for e in conn.receive_data(data):
-            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 1:
-                return int(dict(e.headers)[b":status"])
-        pending = conn.data_to_send()
-        if pending:
-            sock.sendall(pending)
-    raise AssertionError(f"no answer to {method} {authority}")
-
 
 def test_hbone_refuses_foreign_root_wrong_san_and_bad_requests(lab):
     name, pods = lab

@@ -1,0 +1,68 @@
+"""Helpers the root-tier tests share: real workload certificates from a lab's CA and a
+bare HTTP/2 CONNECT, so a test can speak HBONE to a ztunnel as any pod would."""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+from meshcore import constants as C
+from meshcore import netns
+from meshcore.identity import SpiffeId
+from meshlane import lab as labmod
+from slowpath import certs, control_client
+
+
+def node_cert(name: str, node: str, namespace: str, pod: str, sa: str) -> certs.WorkloadCert:
+    """A real workload certificate from the lab's CA, asked for as that node would."""
+    paths = labmod.LabPaths(name)
+    token = (paths.node_dir(node) / "token").read_text().strip()
+    spiffe = SpiffeId(namespace=namespace, service_account=sa)
+    key = certs.generate_key()
+    ans = control_client.call(str(paths.control_socket), "sign", node=node, token=token,
+                              namespace=namespace, pod=pod, csr=certs.make_csr(key, spiffe).decode())
+    return certs.WorkloadCert.from_pems(spiffe=spiffe, key_pem=certs.key_to_pem(key),
+                                        cert_pem=ans["cert"].encode(), chain_pem=ans["chain"].encode(),
+                                        root_pem=ans["root"].encode())
+
+
+def tls_to(ns: str, ip: str, ctx: ssl.SSLContext, *, mark: int | None = None) -> ssl.SSLSocket:
+    """TLS to ip:15008 from inside netns `ns`; `mark` 0x539 lets an enrolled pod's socket
+    past connect4, as the ztunnel's own sockets are."""
+    with netns.entered(ns):
+        raw = socket.socket()
+    if mark is not None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    raw.settimeout(5)
+    raw.connect((ip, C.PORT_HBONE))
+    return ctx.wrap_socket(raw, server_hostname=None)
+
+
+def connect_status(sock: ssl.SSLSocket, authority: str, method: str = "CONNECT") -> int:
+    """Send one request on a fresh HTTP/2 connection with plain h2 (so the request can be
+    one our codec would refuse to send) and return the :status of the answer."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, validate_inbound_headers=False))
+    conn.initiate_connection()
+    headers = [(":method", method), (":authority", authority)]
+    if method != "CONNECT":
+        headers += [(":scheme", "https"), (":path", "/")]
+    conn.send_headers(1, headers)
+    sock.sendall(conn.data_to_send())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for e in conn.receive_data(data):
+            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 1:
+                return int(dict(e.headers)[b":status"])
+        pending = conn.data_to_send()
+        if pending:
+            sock.sendall(pending)
+    raise AssertionError(f"no answer to {method} {authority}")
+
+
