@@ -2,9 +2,12 @@
 bare HTTP/2 CONNECT, so a test can speak HBONE to a ztunnel as any pod would."""
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
+import subprocess
 import time
+from pathlib import Path
 
 from meshcore import constants as C
 from meshcore import netns
@@ -66,3 +69,24 @@ def connect_status(sock: ssl.SSLSocket, authority: str, method: str = "CONNECT")
     raise AssertionError(f"no answer to {method} {authority}")
 
 
+
+
+class Capture:
+    """tcpdump on a lab interface, for the duration of a with-block."""
+
+    def __init__(self, ns: str, iface: str, path: Path):
+        self.ns, self.iface, self.path = ns, iface, path
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "tcpdump", "--immediate-mode", "-i", self.iface, "-U",
+                                      "-s", "0", "-w", str(self.path), "tcp"],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        line = self.proc.stderr.readline().decode()
+        assert "listening" in line, line
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.3)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(5)
+        self.data = self.path.read_bytes()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -15,7 +14,6 @@ import threading
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +24,7 @@ from fastpath import loader
 from meshlane import lab as labmod
 from meshlane.ca import CertificateAuthority
 from slowpath import certs, control_client, tls
-from tests.root.meshtest import connect_status as _connect_status, node_cert as _node_cert, tls_to as _tls_to
+from tests.root.meshtest import Capture, connect_status as _connect_status, node_cert as _node_cert, tls_to as _tls_to
 
 pytestmark = pytest.mark.root
 
@@ -48,27 +46,6 @@ def http_get(ns: str, ip: str, port: int = 8080, path: str = "/", timeout: float
     code, body = labmod.http_get_in_netns(ns, port, path, timeout, ip=ip)
     assert code == 200, (code, body)
     return json.loads(body)
-
-
-class Capture:
-    """tcpdump on a lab interface, for the duration of a with-block."""
-
-    def __init__(self, ns: str, iface: str, path: Path):
-        self.ns, self.iface, self.path = ns, iface, path
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "tcpdump", "--immediate-mode", "-i", self.iface, "-U",
-                                      "-s", "0", "-w", str(self.path), "tcp"],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        line = self.proc.stderr.readline().decode()
-        assert "listening" in line, line
-        return self
-
-    def __exit__(self, *exc):
-        time.sleep(0.3)
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(5)
-        self.data = self.path.read_bytes()
 
 
 def zt_connections(lab: str, node: str) -> list[dict]:
