@@ -42,6 +42,41 @@ def pcap_payloads(path: Path) -> list[tuple[int, int, bytes]]:
     return out
 
 
+DEMO_DENY = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+             "metadata": {"name": "demo-deny-9090", "namespace": "demo"},
+             "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9090"]}}]}]}}
+
+
+def _policy_step(name: str, c1: dict, s2: dict) -> tuple[str, bool]:
+    """Apply a DENY on port 9090, connect to it once, remove it again."""
+    from fastpath.loader import NodeDatapath
+    from slowpath import control_client
+    sock = str(labmod.LabPaths(name).control_socket)
+    dp = NodeDatapath(labmod.LabPaths(name).pin_name("node1"))
+    rev = control_client.call(sock, "apply", objects=[DEMO_DENY], src="demo")["rev"]
+    try:
+        labmod.wait_for("node1 to compile the demo policy", lambda: any(
+            o["metadata"]["name"] == "node1" and (o.get("status") or {}).get("policyRevision", 0) >= rev
+            for o in control_client.call(sock, "get", kind="Node")["objects"]), 10)
+        before = dp.counters()["policy_out_deny"]
+        with netns.entered(c1["netns"]):
+            s = socket.socket()
+        with s:
+            t0 = time.perf_counter()
+            try:
+                s.connect((s2["ip"], 9090))
+                outcome = "CONNECTED (not denied!)"
+            except ConnectionRefusedError:
+                outcome = "refused"
+            took = (time.perf_counter() - t0) * 1000
+        after = dp.counters()["policy_out_deny"]
+    finally:
+        control_client.call(sock, "delete_objects", objects=[DEMO_DENY])
+    return (f"policy    with DENY demo/demo-deny-9090 applied, client-1's connect to server-2:9090 was "
+            f"{outcome} in {took:.2f} ms at connect() in node1's kernel (policy_out_deny {before} -> "
+            f"{after}, no packet sent); policy removed again"), outcome == "refused" and after == before + 1
+
+
 def main() -> int:
     name = os.environ.get("MESHLANE_LAB", labmod.DEFAULT_LAB)
     try:
@@ -89,12 +124,14 @@ def main() -> int:
               f"{tls_records} start a TLS record; request bytes seen in clear: {'YES' if leaked else 'no'}")
         print(f"identity  client presented {rec.get('src_identity')}; "
               f"server presented {rec.get('dst_identity')} (node2's ztunnel log)")
+        line, denied = _policy_step(name, c1, s2)
+        print(line)
         print(f"lab       still running: `meshlane lab status`, `meshlane zc workloads`, "
               f"`meshlane lab exec client-1 -- curl http://{s2['ip']}:8080/`; "
               f"tear down with `meshlane lab down`")
         pcap.unlink(missing_ok=True)
         pcap.parent.rmdir()
-        return 0 if (not leaked and only_hbone and answer.get("pod") == "server-2") else 1
+        return 0 if (not leaked and only_hbone and answer.get("pod") == "server-2" and denied) else 1
     except MeshError as exc:
         print(f"meshlane: {exc}", file=sys.stderr)
         return exc.exit_code
