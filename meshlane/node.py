@@ -12,13 +12,12 @@ Must not: proxy traffic or hold certificates.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
 import threading
 import time
-
-import ipaddress
 
 from meshcore import authz
 from meshcore import constants as C

@@ -352,8 +352,10 @@ class Ztunnel:
     # --- authorization ----------------------------------------------------------------------
     def authorize(self, pod: LocalPod, conn: authz.Conn) -> authz.Decision:
         w = self.workloads.by_uid.get(pod.uid)
-        labels = dict(w.labels) if w is not None else {}
-        return authz.evaluate(authz.in_scope(self.policies, pod.namespace, labels), conn)
+        if w is None:
+            # its labels decide which selector policies apply: without them, fail closed
+            return authz.Decision(False, "workload-unknown")
+        return authz.evaluate(authz.in_scope(self.policies, pod.namespace, dict(w.labels)), conn)
 
     def _track(self, pod: LocalPod, conn: authz.Conn, up: AppSide, on_close):
         """Remember a live inbound connection until it closes (policy re-checks)."""
@@ -369,6 +371,10 @@ class Ztunnel:
         self.policy_objs = objs
         self.policies = authz.policies_from_objects(objs.values())
         self.policy_rev = rev
+        self.recheck()
+
+    def recheck(self) -> None:
+        """Close every live inbound connection the current policies deny."""
         for key, (pod, conn, up) in list(self.live.items()):
             d = self.authorize(pod, conn)
             if not d.allow:
@@ -489,7 +495,8 @@ class Ztunnel:
                         self.set_policies(objs, rev)
                     elif msg["event"] == "put":
                         self.workloads.put(o)
-                        self.set_policies(self.policy_objs, rev)  # labels may change the scope
+                        self.policy_rev = rev
+                        self.recheck()  # labels may bring a pod under a selector
                     elif msg["event"] == "delete":
                         self.workloads.delete(_uid(o))
                         self.policy_rev = rev
