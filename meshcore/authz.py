@@ -551,6 +551,11 @@ def parse(obj, *, src: str = "<input>", prefix: str = "",
             else:
                 warnings.append(f"{label}: rule {i}: HTTP fields ignored at L4 ({fields}); "
                                 "nothing L4 is left, so this rule denies nothing")
+    dry_run = str(((meta.get("annotations") or {}).get("istio.io/dry-run", ""))).lower()
+    if dry_run in ("true", "1", "t"):
+        warnings.append(f"{label}: istio.io/dry-run is set; dry-run policies are not enforced at L4 "
+                        "(as in Istio ambient by default); ignored")
+        return Parsed(obj, None, warnings)
     if has_targets:
         warnings.append(f"{label}: has targetRefs, so it is for waypoints (L7) and ignored at L4")
         return Parsed(obj, None, warnings)

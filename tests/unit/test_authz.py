@@ -140,6 +140,13 @@ def test_bad_input_names_file_path_and_reason(spec, path, reason):
     assert reason.lower() in msg.lower(), msg
 
 
+def test_dry_run_policies_are_not_enforced():
+    doc = pol({"action": "DENY", "rules": [{}]})
+    doc["metadata"]["annotations"] = {"istio.io/dry-run": "true"}
+    p = authz.parse(doc)
+    assert p.policy is None and "dry-run" in p.warnings[0]
+
+
 def test_api_versions():
     assert authz.parse(pol({}, api="security.istio.io/v1beta1")).policy is not None
     with pytest.raises(BadInputError, match="apiVersion"):
