@@ -13,18 +13,6 @@
 
 #ifndef MESH_PIN_DIR
 #error "MESH_PIN_DIR must be defined by the loader"
-/* Count one decision of a compiled rule (per-rule hits; ids come from the compiler). */
-static __always_inline void mesh_count_rule(__u32 rule)
-{
-	__u64 *v = mesh_rule_cnt.lookup(&rule);
-	if (v) {
-		*v += 1;
-	} else {
-		__u64 one = 1;
-		mesh_rule_cnt.update(&rule, &one);
-	}
-}
-
 #endif
 
 #define MESH_PIN(name) MESH_PIN_DIR "/" #name
