@@ -28,6 +28,7 @@ from fastpath import loader
 from fastpath import policy as fpolicy
 from fastpath import pod as fpod
 from slowpath import control_client, zds
+from slowpath.state import uid_of
 
 log = logging.getLogger("meshlane.node")
 
@@ -126,32 +127,28 @@ class NodeAgent:
         self.policy_changed = asyncio.Event()
         self.synced = asyncio.Event()   # set by the first snapshot from the control plane
 
-    @staticmethod
-    def uid(pod: dict) -> str:
-        return f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
-
     def _on_event(self, msg: dict) -> None:
         self.rev = msg.get("rev", self.rev)
         self.policy_changed.set()
         if msg["event"] == "snapshot":
-            self.pods = {self.uid(o): o for o in msg["objects"]
+            self.pods = {uid_of(o): o for o in msg["objects"]
                          if o["kind"] == "Pod" and o.get("spec", {}).get("nodeName") == self.node}
-            self.all_pods = {self.uid(o): o for o in msg["objects"] if o["kind"] == "Pod"}
+            self.all_pods = {uid_of(o): o for o in msg["objects"] if o["kind"] == "Pod"}
             self.namespaces = {o["metadata"]["name"]: o for o in msg["objects"] if o["kind"] == "Namespace"}
-            self.policies = {self.uid(o): o for o in msg["objects"] if o["kind"] == authz.KIND}
+            self.policies = {uid_of(o): o for o in msg["objects"] if o["kind"] == authz.KIND}
             self.synced.set()
         else:
             o = msg["object"]
             if o["kind"] == "Pod":
                 if msg["event"] == "delete":
-                    self.all_pods.pop(self.uid(o), None)
+                    self.all_pods.pop(uid_of(o), None)
                 else:
-                    self.all_pods[self.uid(o)] = o
+                    self.all_pods[uid_of(o)] = o
             if o["kind"] == authz.KIND:
                 if msg["event"] == "delete":
-                    self.policies.pop(self.uid(o), None)
+                    self.policies.pop(uid_of(o), None)
                 else:
-                    self.policies[self.uid(o)] = o
+                    self.policies[uid_of(o)] = o
             elif o["kind"] == "Namespace":
                 if msg["event"] == "delete":
                     self.namespaces.pop(o["metadata"]["name"], None)
@@ -159,9 +156,9 @@ class NodeAgent:
                     self.namespaces[o["metadata"]["name"]] = o
             elif o["kind"] == "Pod" and o.get("spec", {}).get("nodeName") == self.node:
                 if msg["event"] == "delete":
-                    self.pods.pop(self.uid(o), None)
+                    self.pods.pop(uid_of(o), None)
                 else:
-                    self.pods[self.uid(o)] = o
+                    self.pods[uid_of(o)] = o
         self.changed.set()
 
     async def watch(self) -> None:
@@ -180,7 +177,7 @@ class NodeAgent:
                 and (p.get("status") or {}).get("podIP")}
 
     def enrol(self, pod: dict) -> None:
-        uid = self.uid(pod)
+        uid = uid_of(pod)
         meta, spec, status = pod["metadata"], pod["spec"], pod["status"]
         key = fpod.pod_key(meta.get("namespace", "default"), meta["name"])
         info = {"uid": uid, "name": meta["name"], "namespace": meta.get("namespace", "default"),

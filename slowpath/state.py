@@ -13,6 +13,12 @@ from meshcore import constants as C
 from meshcore.identity import SpiffeId
 
 
+def uid_of(obj: dict) -> str:
+    """`namespace/name` of a namespaced object as the control plane stores it."""
+    m = obj["metadata"]
+    return f"{m.get('namespace', 'default')}/{m['name']}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Workload:
     name: str
@@ -71,7 +77,7 @@ class WorkloadStore:
         self.synced = True
 
     def put(self, pod: dict) -> None:
-        uid = f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
+        uid = uid_of(pod)
         self.delete(uid)
         w = Workload.from_pod(pod, self.trust_domain)
         if w is not None:

@@ -44,17 +44,12 @@ from slowpath import certs, control_client, tls, zds
 from slowpath.driver import AppSide, HboneLink, HboneRefused, Pipe
 from slowpath.hbone.authority import format_authority
 from slowpath.hbone import events as ev
-from slowpath.state import Workload, WorkloadStore
+from slowpath.state import Workload, WorkloadStore, uid_of
 
 log = logging.getLogger("meshlane.ztunnel")
 access = logging.getLogger("meshlane.access")
 
 IP_TRANSPARENT = 19
-
-
-def _uid(obj: dict) -> str:
-    m = obj["metadata"]
-    return f"{m.get('namespace', 'default')}/{m['name']}"
 
 
 @dataclass
@@ -482,23 +477,23 @@ class Ztunnel:
                     rev = msg.get("rev", self.policy_rev)
                     if msg["event"] == "snapshot":
                         self.workloads.replace_all([o for o in msg["objects"] if o["kind"] == "Pod"])
-                        self.set_policies({_uid(o): o for o in msg["objects"] if o["kind"] == authz.KIND}, rev)
+                        self.set_policies({uid_of(o): o for o in msg["objects"] if o["kind"] == authz.KIND}, rev)
                         self.policy_synced = True
                         continue
                     o = msg["object"]
                     if o["kind"] == authz.KIND:
                         objs = dict(self.policy_objs)
                         if msg["event"] == "delete":
-                            objs.pop(_uid(o), None)
+                            objs.pop(uid_of(o), None)
                         else:
-                            objs[_uid(o)] = o
+                            objs[uid_of(o)] = o
                         self.set_policies(objs, rev)
                     elif msg["event"] == "put":
                         self.workloads.put(o)
                         self.policy_rev = rev
                         self.recheck()  # labels may bring a pod under a selector
                     elif msg["event"] == "delete":
-                        self.workloads.delete(_uid(o))
+                        self.workloads.delete(uid_of(o))
                         self.policy_rev = rev
             except MeshError as exc:
                 log.warning("workload watch: %s; retrying", exc)
