@@ -210,8 +210,11 @@ def in_scope(policies: Iterable[Policy], namespace: str, labels: dict) -> list[P
 
 
 def evaluate(policies: Iterable[Policy], c: Conn) -> Decision:
-    """The verdict for a connection, given the policies in scope for its destination."""
-    pols = sorted(policies, key=lambda p: (p.namespace, p.name))
+    """The verdict for a connection, given the policies in scope for its destination.
+
+    The verdict does not depend on the order; which policy is reported as deciding is
+    the first in `policies` (policies_from_objects sorts them by namespace/name)."""
+    pols = list(policies)
     for p in pols:
         if p.action == "DENY":
             r = p.first_match(c)
@@ -384,14 +387,14 @@ def _source(ctx: _Ctx, path: str, raw, policy_ns: str) -> tuple[Match, list[str]
             [f"{path}.{k}" for k in SOURCE_IGNORED if vals[k]])
 
 
-def _operation(ctx: _Ctx, path: str, raw) -> tuple[Match, list[str]]:
+def _operation(ctx: _Ctx, path: str, raw) -> tuple[Match, list[str], list[str]]:
     op = _mapping(ctx, path, raw, OPERATION_L4 + OPERATION_L7)
     if not any(op.get(k) for k in OPERATION_L4 + OPERATION_L7):
         raise ctx.fail(path, "`to.operation` must not be empty")
     vals = {k: _strings(ctx, f"{path}.{k}", op.get(k)) for k in OPERATION_L4 + OPERATION_L7}
     m = Match(ports=_ports(ctx, f"{path}.ports", vals["ports"]),
               not_ports=_ports(ctx, f"{path}.notPorts", vals["notPorts"]))
-    return m, [f"{path}.{k}" for k in OPERATION_L7 if vals[k]]
+    return m, [f"{path}.{k}" for k in OPERATION_L7 if vals[k]], []
 
 
 def _when(ctx: _Ctx, path: str, raw) -> tuple[Match, list[str]]:
@@ -433,8 +436,7 @@ def _rule(ctx: _Ctx, i: int, raw, policy_ns: str):
     rule = _mapping(ctx, path, raw, ("from", "to", "when"))
     clauses, l7, ignored = [], [], []
     for key, parse in (("to", lambda p, e: _operation(ctx, f"{p}.operation",
-                                                      _mapping(ctx, p, e, ("operation",)).get("operation"))
-                        + ([],)),
+                                                      _mapping(ctx, p, e, ("operation",)).get("operation"))),
                        ("from", lambda p, e: _source(ctx, f"{p}.source",
                                                      _mapping(ctx, p, e, ("source",)).get("source"),
                                                      policy_ns))):
@@ -543,9 +545,7 @@ def parse(obj, *, src: str = "<input>", prefix: str = "",
             continue
         rules.append(Rule(i, clauses))
         if action == "DENY":
-            live = Rule(i, clauses)
-            effective = all(any(not m.empty() for m in cl) for cl in live.clauses if cl)
-            if effective:
+            if all(any(not m.empty() for m in cl) for cl in clauses if cl):
                 warnings.append(f"{label}: rule {i}: HTTP fields ignored at L4 ({fields}); "
                                 "the DENY is broader than written")
             else:
@@ -573,4 +573,4 @@ def policies_from_objects(objs: Iterable[dict], root_namespace: str = C.ROOT_NAM
         p = parse(o, src="store", root_namespace=root_namespace).policy
         if p is not None:
             out.append(p)
-    return out
+    return sorted(out, key=lambda p: (p.namespace, p.name))
