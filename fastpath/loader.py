@@ -200,19 +200,21 @@ class NodeDatapath:
 
     # --- maps ----------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        ncpu = os.cpu_count() or 1
-        possible = _possible_cpus()
         fd = self.map_fds["mesh_counters"] if self.map_fds else libbpf.obj_get(str(self.maps_dir / "mesh_counters"))
         out = {}
         try:
             for i, name in enumerate(C.COUNTERS):
-                vals = (ctypes.c_uint64 * max(possible, ncpu))()
-                libbpf.map_lookup(fd, ctypes.c_uint32(i), vals)
-                out[name] = int(sum(vals))
+                out[name] = percpu_sum(fd, ctypes.c_uint32(i))
         finally:
             if not self.map_fds:
                 os.close(fd)
         return out
+
+
+def percpu_sum(fd: int, key) -> int:
+    """The sum over CPUs of a per-CPU u64 map entry (0 if the key is absent)."""
+    vals = (ctypes.c_uint64 * max(_possible_cpus(), os.cpu_count() or 1))()
+    return int(sum(vals)) if libbpf.map_lookup(fd, key, vals) else 0
 
 
 def _possible_cpus() -> int:

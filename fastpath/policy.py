@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import os
 import socket
 import zlib
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from meshcore import bpfsys as libbpf
 from meshcore import constants as C
 from meshcore.authz import Conn, Decision, Policy, evaluate, in_scope
 from meshcore.identity import SpiffeId
+from fastpath.loader import percpu_sum
 
 V4 = ipaddress.IPv4Network
 ANY4 = ipaddress.IPv4Network("0.0.0.0/0")
@@ -218,14 +218,4 @@ def sync(out_fd: int, in_fd: int, want_out: dict[OutKey, Entry],
 
 
 def rule_hits(fd: int, ids: Iterable[int]) -> dict[int, int]:
-    ncpu = max(_possible_cpus(), os.cpu_count() or 1)
-    out = {}
-    for rid in ids:
-        vals = (ctypes.c_uint64 * ncpu)()
-        out[rid] = int(sum(vals)) if libbpf.map_lookup(fd, ctypes.c_uint32(rid), vals) else 0
-    return out
-
-
-def _possible_cpus() -> int:
-    from fastpath.loader import _possible_cpus as pc
-    return pc()
+    return {rid: percpu_sum(fd, ctypes.c_uint32(rid)) for rid in ids}

@@ -566,6 +566,7 @@ def bpf_policy_get(lab, pod, namespace, output) -> None:
     from fastpath.loader import NodeDatapath
     from fastpath.pod import pod_key, pod_number
     from meshcore import authz
+    from meshcore import bpfsys as libbpf
     from meshlane import lab as labmod
     from slowpath.control_client import call
     _need_root("reading BPF maps")
@@ -576,7 +577,6 @@ def bpf_policy_get(lab, pod, namespace, output) -> None:
     node_name = obj["spec"]["nodeName"]
     ip = (obj.get("status") or {}).get("podIP")
     dp = NodeDatapath(labmod.LabPaths(lab).pin_name(node_name))
-    import meshcore.bpfsys as libbpf
     fds = {m: libbpf.obj_get(str(dp.maps_dir / m)) for m in (C.MAP_POL_OUT, C.MAP_POL_IN, C.MAP_RULE_CNT)}
     try:
         pid = pod_number(pod_key(ns, name))
