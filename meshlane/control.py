@@ -229,8 +229,8 @@ class ControlPlane:
             obj = self.store.get(kind, ns, name)
             if obj is None:
                 raise NotFoundError(f"{kind} {ns + '/' if ns else ''}{name} not found")
-            return {"objects": [obj]}
-        return {"objects": self.store.list(kind, namespace)}
+            return {"objects": [obj], "rev": self.store.rev}
+        return {"objects": self.store.list(kind, namespace), "rev": self.store.rev}
 
     def op_delete(self, kind: str, name: str, namespace: str | None = None) -> dict:
         ns = "" if kind in CLUSTER_SCOPED else (namespace or "default")

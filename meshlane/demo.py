@@ -55,9 +55,7 @@ def _policy_step(name: str, c1: dict, s2: dict) -> tuple[str, bool]:
     dp = NodeDatapath(labmod.LabPaths(name).pin_name("node1"))
     rev = control_client.call(sock, "apply", objects=[DEMO_DENY], src="demo")["rev"]
     try:
-        labmod.wait_for("node1 to compile the demo policy", lambda: any(
-            o["metadata"]["name"] == "node1" and (o.get("status") or {}).get("policyRevision", 0) >= rev
-            for o in control_client.call(sock, "get", kind="Node")["objects"]), 10)
+        labmod.wait_policies(name, rev, 10)
         before = dp.counters()["policy_out_deny"]
         with netns.entered(c1["netns"]):
             s = socket.socket()

@@ -159,6 +159,24 @@ def http_get_in_netns(ns: str, port: int, path: str, timeout: float = 2.0, *,
     return int(head.split()[1]), body.decode(errors="replace")
 
 
+def wait_policies(lab: str, rev: int, timeout: float = 20) -> None:
+    """Wait until every node agent has compiled, and every ztunnel runs, the policies of
+    store revision `rev` (or later)."""
+    paths = LabPaths(lab)
+    nodes = [n["netns"] for n in load_state(lab)["nodes"]]
+
+    def applied() -> bool:
+        objs = control_client.call(str(paths.control_socket), "get", kind="Node")["objects"]
+        if not all((o.get("status") or {}).get("policyRevision", 0) >= rev for o in objs):
+            return False
+        for ns in nodes:
+            code, body = http_get_in_netns(ns, C.PORT_ADMIN, "/config_dump")
+            if code != 200 or json.loads(body)["policyRevision"] < rev:
+                return False
+        return True
+    wait_for(f"store revision {rev} applied by every node agent and ztunnel", applied, timeout)
+
+
 def start_control(paths: LabPaths, cacerts: str | None = None) -> int:
     args = ["control", "--state-dir", str(paths.run / "control"), "--socket", str(paths.control_socket)]
     if cacerts:

@@ -2,6 +2,9 @@
 bare HTTP/2 CONNECT, so a test can speak HBONE to a ztunnel as any pod would."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import signal
 import socket
 import ssl
@@ -12,8 +15,54 @@ from pathlib import Path
 from meshcore import constants as C
 from meshcore import netns
 from meshcore.identity import SpiffeId
+from fastpath.loader import NodeDatapath
 from meshlane import lab as labmod
 from slowpath import certs, control_client
+
+
+@contextlib.contextmanager
+def running_lab(prefix: str, topology: str | None = None):
+    """A lab of our own (name `<prefix><pid>`), torn down even when the test fails.
+    Yields (name, {pod name: pod})."""
+    name = f"{prefix}{os.getpid() % 10000}"
+    try:
+        state = labmod.up(name, topology)
+        yield name, {p["name"]: p for p in state["pods"]}
+    finally:
+        try:
+            labmod.down(name, quiet=True)
+        except Exception:
+            pass
+
+
+def node_counters(lab: str, node: str) -> dict[str, int]:
+    return NodeDatapath(labmod.LabPaths(lab).pin_name(node)).counters()
+
+
+def http_probe(ns: str, ip: str, port: int) -> tuple[str, float]:
+    """A plain connect() and one GET from inside netns `ns`: ("refused" | "ok" | "closed",
+    seconds the connect took).  "refused" is a connect that failed (ECONNREFUSED from
+    the kernel policy or an RST; EPERM from a cgroup program)."""
+    with netns.entered(ns):
+        s = socket.socket()
+    s.settimeout(5)
+    with s:
+        t0 = time.perf_counter()
+        try:
+            s.connect((ip, port))
+        except ConnectionRefusedError:
+            return "refused", time.perf_counter() - t0
+        except PermissionError as exc:
+            if exc.errno == errno.EPERM:
+                return "refused", time.perf_counter() - t0
+            raise
+        took = time.perf_counter() - t0
+        try:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+            data = s.recv(64)
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+    return ("ok" if data.startswith(b"HTTP/1.1 200") else "closed"), took
 
 
 def node_cert(name: str, node: str, namespace: str, pod: str, sa: str) -> certs.WorkloadCert:

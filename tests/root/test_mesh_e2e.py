@@ -6,7 +6,6 @@ One lab (default topology) for the module, started through `meshlane.lab.up` exa
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -24,22 +23,15 @@ from fastpath import loader
 from meshlane import lab as labmod
 from meshlane.ca import CertificateAuthority
 from slowpath import certs, control_client, tls
-from tests.root.meshtest import Capture, connect_status as _connect_status, node_cert as _node_cert, tls_to as _tls_to
+from tests.root.meshtest import Capture, running_lab, connect_status as _connect_status, node_cert as _node_cert, tls_to as _tls_to
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def lab():
-    name = f"mle{os.getpid() % 10000}"
-    try:
-        state = labmod.up(name, None)
-        yield name, {p["name"]: p for p in state["pods"]}
-    finally:
-        try:
-            labmod.down(name, quiet=True)
-        except Exception:
-            pass
+    with running_lab("mle") as lab_:
+        yield lab_
 
 
 def http_get(ns: str, ip: str, port: int = 8080, path: str = "/", timeout: float = 5.0) -> dict:

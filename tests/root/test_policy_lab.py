@@ -4,7 +4,6 @@ even when a test fails; each test deletes the policies it applied."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,10 +13,9 @@ import pytest
 
 from meshcore import constants as C
 from meshcore import netns
-from fastpath.loader import NodeDatapath
 from meshlane import lab as labmod
 from slowpath import control_client
-from tests.root.meshtest import Capture
+from tests.root.meshtest import Capture, http_probe, node_counters, running_lab
 
 pytestmark = pytest.mark.root
 
@@ -63,15 +61,8 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab():
-    name = f"mlp{os.getpid() % 10000}"
-    try:
-        state = labmod.up(name, None)
-        yield name, {p["name"]: p for p in state["pods"]}
-    finally:
-        try:
-            labmod.down(name, quiet=True)
-        except Exception:
-            pass
+    with running_lab("mlp") as lab_:
+        yield lab_
 
 
 def meshlane(lab: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -82,56 +73,31 @@ def meshlane(lab: str, *args: str, stdin: str | None = None) -> subprocess.Compl
 def apply(lab: str, tmp_path, text: str, name: str = "policy.yaml") -> subprocess.CompletedProcess:
     f = tmp_path / name
     f.write_text(text)
+    before = store_rev(lab)
     res = meshlane(lab, "apply", "-f", str(f))
     assert res.returncode == 0, res.stderr
-    wait_applied(lab)
+    labmod.wait_policies(lab, before + 1)
     return res
 
 
 def delete(lab: str, tmp_path, text: str) -> None:
     f = tmp_path / "delete.yaml"
     f.write_text(text)
+    before = store_rev(lab)
     res = meshlane(lab, "delete", "-f", str(f))
     assert res.returncode == 0, res.stderr
-    wait_applied(lab)
+    labmod.wait_policies(lab, before + 1)
 
 
-def wait_applied(lab: str) -> None:
-    """Both node agents and both ztunnels run the store's current policies."""
-    sock = str(labmod.LabPaths(lab).control_socket)
-    rev = max(int(o["metadata"]["resourceVersion"]) for o in
-              control_client.call(sock, "get", kind="AuthorizationPolicy")["objects"] +
-              [{"metadata": {"resourceVersion": "0"}}])
-
-    def done():
-        nodes = control_client.call(sock, "get", kind="Node")["objects"]
-        if not all((o.get("status") or {}).get("policyRevision", 0) >= rev for o in nodes):
-            return False
-        return all(json.loads(labmod.http_get_in_netns(f"{lab}-{n}", C.PORT_ADMIN, "/config_dump")[1])
-                   ["policyRevision"] >= rev for n in ("node1", "node2"))
-    labmod.wait_for("policies applied everywhere", done, 20)
+def store_rev(lab: str) -> int:
+    """The store's revision now: the next change (ours) gets a higher one, and agents
+    report the revision of the last event they processed."""
+    return control_client.call(str(labmod.LabPaths(lab).control_socket), "get", kind="Node")["rev"]
 
 
 def get(lab: str, ns: str, src: str, ip: str, port: int = 8080) -> str:
     """One HTTP GET from `src`: 'ok', 'refused' (connect failed) or 'closed'."""
-    with netns.entered(ns):
-        s = socket.socket()
-    s.settimeout(5)
-    with s:
-        try:
-            s.connect((ip, port))
-        except ConnectionRefusedError:
-            return "refused"
-        try:
-            s.sendall(f"GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
-            data = s.recv(64)
-        except ConnectionResetError:
-            data = b""
-    return "ok" if data.startswith(b"HTTP/1.1 200") else "closed"
-
-
-def counters(lab: str, node: str) -> dict:
-    return NodeDatapath(labmod.LabPaths(lab).pin_name(node)).counters()
+    return http_probe(ns, ip, port)[0]
 
 
 def test_allow_for_the_client_principal_on_8080(lab, tmp_path):
@@ -142,9 +108,9 @@ def test_allow_for_the_client_principal_on_8080(lab, tmp_path):
     assert "authorizationpolicy.security.istio.io/allow-client created" in res.stdout
     try:
         assert get(name, c1["netns"], "client-1", s2["ip"]) == "ok"
-        before = counters(name, "node2")["policy_in_deny"]
+        before = node_counters(name, "node2")["policy_in_deny"]
         assert get(name, legacy["netns"], "legacy-2", s2["ip"]) == "refused"   # plaintext: RST at SYN
-        assert counters(name, "node2")["policy_in_deny"] == before + 1
+        assert node_counters(name, "node2")["policy_in_deny"] == before + 1
         listing = meshlane(name, "get", "authorizationpolicies", "-n", "demo")
         assert listing.returncode == 0 and "allow-client" in listing.stdout and "ALLOW" in listing.stdout
         as_yaml = meshlane(name, "get", "ap", "allow-client", "-n", "demo", "-o", "yaml")
@@ -162,7 +128,7 @@ def test_deny_on_a_port_fails_at_connect_without_a_packet(lab, tmp_path):
     c1, s2 = pods["client-1"], pods["server-2"]
     apply(name, tmp_path, DENY_9090)
     try:
-        before = counters(name, "node1")
+        before = node_counters(name, "node1")
         with Capture(name + "-client-1", "eth0", tmp_path / "pod.pcap") as pod_cap, \
                 Capture(name + "-node1", "ul0", tmp_path / "ul.pcap") as ul_cap:
             with netns.entered(c1["netns"]):
@@ -172,7 +138,7 @@ def test_deny_on_a_port_fails_at_connect_without_a_packet(lab, tmp_path):
                 s.connect((s2["ip"], 9090))
             took = time.perf_counter() - t0
             s.close()
-        after = counters(name, "node1")
+        after = node_counters(name, "node1")
         assert took < 0.005, f"denied connect took {took * 1000:.2f} ms"
         assert after["policy_out_deny"] == before["policy_out_deny"] + 1
         assert after["connect_redirected"] == before["connect_redirected"]   # no ztunnel hop
@@ -239,7 +205,7 @@ def test_a_pod_sending_as_another_pod_is_dropped_and_counted(lab):
     subprocess.run(["ip", "-n", c1["netns"], "addr", "add", f"{s1['ip']}/32", "dev", "eth0", "nodad"],
                    check=True)
     try:
-        before = counters(name, "node1")["spoof_dropped"]
+        before = node_counters(name, "node1")["spoof_dropped"]
         with netns.entered(c1["netns"]):
             s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, C.MARK_ZTUNNEL)
@@ -248,7 +214,7 @@ def test_a_pod_sending_as_another_pod_is_dropped_and_counted(lab):
             s.bind((s1["ip"], 0))
             with pytest.raises(OSError):
                 s.connect((s2["ip"], 8080))
-        assert counters(name, "node1")["spoof_dropped"] > before
+        assert node_counters(name, "node1")["spoof_dropped"] > before
     finally:
         subprocess.run(["ip", "-n", c1["netns"], "addr", "del", f"{s1['ip']}/32", "dev", "eth0"], check=True)
 

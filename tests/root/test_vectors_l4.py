@@ -15,20 +15,13 @@ denied what the vectors allow.
 """
 from __future__ import annotations
 
-import errno
-import json
-import os
-import socket
-import time
 
 import pytest
 
 from meshcore import constants as C
-from meshcore import netns
-from fastpath.loader import NodeDatapath
 from meshlane import lab as labmod
 from slowpath import control_client, tls
-from tests.root.meshtest import connect_status, node_cert, tls_to
+from tests.root.meshtest import connect_status, http_probe, node_cert, node_counters, running_lab, tls_to
 from tests.vectors import load as vectors
 
 pytestmark = pytest.mark.root
@@ -38,25 +31,16 @@ DOC = vectors.load()
 
 @pytest.fixture(scope="module")
 def vlab(tmp_path_factory):
-    name = f"mlv{os.getpid() % 10000}"
     topo = tmp_path_factory.mktemp("vec") / "topology.yaml"
     topo.write_text(vectors.topology_yaml(DOC))
-    try:
-        state = labmod.up(name, str(topo))
-        pods = {p["name"]: p for p in state["pods"]}
+    with running_lab("mlv", str(topo)) as (name, pods):
         for w in DOC["workloads"]:   # the vectors' addresses are the lab's
             assert pods[w["name"]]["ip"] == w["ip"], (w["name"], pods[w["name"]]["ip"])
         yield name, pods
-    finally:
-        try:
-            labmod.down(name, quiet=True)
-        except Exception:
-            pass
 
 
 def _counters(lab: str) -> dict[str, dict[str, int]]:
-    paths = labmod.LabPaths(lab)
-    return {n: NodeDatapath(paths.pin_name(n)).counters() for n in ("node1", "node2")}
+    return {n: node_counters(lab, n) for n in ("node1", "node2")}
 
 
 def _apply(lab: str, policies: list[dict], previous: list[dict]) -> None:
@@ -66,43 +50,8 @@ def _apply(lab: str, policies: list[dict], previous: list[dict]) -> None:
         rev = control_client.call(sock, "delete_objects", objects=previous)["rev"]
     if policies:
         rev = control_client.call(sock, "apply", objects=policies, src="vectors")["rev"]
-    if rev is None:
-        return  # nothing changed
-
-    def applied():
-        nodes = control_client.call(sock, "get", kind="Node")["objects"]
-        if not all((o.get("status") or {}).get("policyRevision", 0) >= rev for o in nodes):
-            return False
-        for n in ("node1", "node2"):
-            code, body = labmod.http_get_in_netns(f"{lab}-{n}", C.PORT_ADMIN, "/config_dump")
-            if code != 200 or json.loads(body)["policyRevision"] < rev:
-                return False
-        return True
-    labmod.wait_for(f"revision {rev} applied by both node agents and ztunnels", applied, 20)
-
-
-def _plain_connect(lab: str, src: str, ip: str, port: int) -> tuple[str, float]:
-    """-> ("refused" | "ok" | "closed", seconds the connect took)"""
-    with netns.entered(f"{lab}-{src}"):
-        s = socket.socket()
-    s.settimeout(5)
-    with s:
-        t0 = time.perf_counter()
-        try:
-            s.connect((ip, port))
-        except ConnectionRefusedError:
-            return "refused", time.perf_counter() - t0
-        except OSError as exc:
-            if exc.errno == errno.EPERM:
-                return "refused", time.perf_counter() - t0
-            raise
-        took = time.perf_counter() - t0
-        try:
-            s.sendall(f"GET /v HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
-            data = s.recv(64)
-        except (ConnectionResetError, BrokenPipeError):
-            data = b""
-        return ("ok" if data.startswith(b"HTTP/1.1 200") else "closed"), took
+    if rev is not None:  # else nothing changed
+        labmod.wait_policies(lab, rev)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +89,7 @@ def test_vectors_through_the_kernel_and_the_ztunnel(vlab, certs_of):
             total += 1
             src, dst = by[chk.src], by[chk.dst]
             before = _counters(lab)
-            outcome, took = _plain_connect(lab, chk.src, dst["ip"], chk.port)
+            outcome, took = http_probe(f"{lab}-{chk.src}", dst["ip"], chk.port)
             after = _counters(lab)
             moved = {k for n in after for k in after[n] if k.startswith("policy_") and after[n][k] != before[n][k]}
             kernel = "deny" if outcome == "refused" else ("allow" if moved & {"policy_out_allow", "policy_in_allow"}
