@@ -82,13 +82,15 @@ def control(state_dir, socket_path, cacerts, trust_domain) -> None:
 @click.option("--control", "control_socket", required=True)
 @click.option("--zds", required=True, help="unix socket to hand pods to the ztunnel")
 @click.option("--node-netns", default=None)
-def node(name, pin_name, control_socket, zds, node_netns) -> None:
+@click.option("--fastpath/--no-fastpath", default=True, show_default=True,
+              help="node-wide switch of the same-node kernel fast path (sockmap splice)")
+def node(name, pin_name, control_socket, zds, node_netns, fastpath) -> None:
     """Run the node agent (BPF programs, enrolment)."""
     from meshlane.node import NodeAgent
     _need_root("the node agent")
     _logging()
     agent = NodeAgent(node=name, pin_name=pin_name or name, control_socket=control_socket,
-                      zds_socket=zds, node_netns=node_netns)
+                      zds_socket=zds, node_netns=node_netns, fastpath=fastpath)
     asyncio.run(agent.run())
 
 

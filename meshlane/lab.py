@@ -187,11 +187,12 @@ def start_control(paths: LabPaths, cacerts: str | None = None) -> int:
     return pid
 
 
-def start_node_agent(paths: LabPaths, node: str) -> int:
+def start_node_agent(paths: LabPaths, node: str, *, fastpath: bool = True) -> int:
     nd = paths.node_dir(node)
     return _spawn(_py("node", "--name", node, "--pin-name", paths.pin_name(node),
                       "--control", str(paths.control_socket), "--zds", str(nd / "zds.sock"),
-                      "--node-netns", labnet.node_netns(paths.name, node)),
+                      "--node-netns", labnet.node_netns(paths.name, node),
+                      "--fastpath" if fastpath else "--no-fastpath"),
                   paths.run / "logs" / f"node-{node}.log")
 
 
@@ -211,7 +212,8 @@ def ztunnel_ready(paths: LabPaths, node: str) -> bool:
 
 def pod_object(p: topology.PodSpec, net: labnet.PodNet) -> dict:
     return {"kind": "Pod",
-            "metadata": {"name": p.name, "namespace": p.namespace, "labels": dict(p.labels)},
+            "metadata": {"name": p.name, "namespace": p.namespace, "labels": dict(p.labels),
+                         "annotations": dict(p.annotations)},
             "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                      "netns": net.netns, "nodeNetns": net.node_netns, "hostVeth": net.host_veth},
             "status": {"podIP": net.ip, "enrolled": False}}
@@ -262,7 +264,7 @@ def up(lab: str, topology_path: str | None, *, cacerts: str | None = None) -> di
             control_client.call(sock, "put", object=pod_object(p, nets[p.name]))
         progress("starting node agents (compiling BPF) and ztunnels")
         for n in topo.nodes:
-            state["pids"][f"node-{n.name}"] = start_node_agent(paths, n.name)
+            state["pids"][f"node-{n.name}"] = start_node_agent(paths, n.name, fastpath=n.fastpath)
             state["pids"][f"ztunnel-{n.name}"] = start_ztunnel(paths, n.name)
             _save(paths, state)
         for p in topo.pods:

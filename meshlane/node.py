@@ -110,8 +110,9 @@ class ZdsServer:
 
 class NodeAgent:
     def __init__(self, *, node: str, pin_name: str, control_socket: str, zds_socket: str,
-                 node_netns: str | None = None):
+                 node_netns: str | None = None, fastpath: bool = True):
         self.node = node
+        self.fastpath = fastpath   # node-wide switch of the same-node splice
         self.control_socket = control_socket
         self.node_netns = node_netns
         self.dp = loader.NodeDatapath(pin_name)

@@ -16,6 +16,7 @@ import yaml
 from meshcore import constants as C
 from meshcore.errors import BadInputError, NotFoundError
 
+MAX_PODS_PER_NODE = 240
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 
@@ -23,6 +24,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 class NodeSpec:
     name: str
     index: int
+    fastpath: bool = True   # the node-wide switch of the same-node kernel fast path
 
     @property
     def pod_cidr(self) -> ipaddress.IPv4Network:
@@ -46,6 +48,7 @@ class PodSpec:
     app: str            # "http" (answers with the peer it saw) or "none"
     labels: dict = field(default_factory=dict)
     ports: tuple[int, ...] = (8080,)   # where the http app listens
+    annotations: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +111,15 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
         name = _name(src, f"nodes[{i}]", n if not isinstance(n, dict) else n.get("name"))
         if any(x.name == name for x in nodes):
             raise _fail(src, f"nodes[{i}]", f"duplicate node {name!r}")
-        nodes.append(NodeSpec(name=name, index=i + 1))
+        fastpath = True
+        if isinstance(n, dict):
+            extra = set(n) - {"name", "fastpath"}
+            if extra:
+                raise _fail(src, f"nodes[{i}].{sorted(extra)[0]}", "unknown key (allowed: name, fastpath)")
+            fastpath = n.get("fastpath", True)
+            if not isinstance(fastpath, bool):
+                raise _fail(src, f"nodes[{i}].fastpath", "expected true or false")
+        nodes.append(NodeSpec(name=name, index=i + 1, fastpath=fastpath))
     namespaces: dict[str, dict] = {}
     raw_ns = doc.get("namespaces") or {}
     if not isinstance(raw_ns, dict):
@@ -129,7 +140,8 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
         at = f"pods[{i}]"
         if not isinstance(p, dict):
             raise _fail(src, at, "expected a mapping with name, node, namespace, serviceAccount")
-        extra = set(p) - {"name", "node", "namespace", "serviceAccount", "app", "labels", "ports"}
+        extra = set(p) - {"name", "node", "namespace", "serviceAccount", "app", "labels", "ports",
+                          "annotations"}
         if extra:
             raise _fail(src, f"{at}.{sorted(extra)[0]}", "unknown key")
         name = _name(src, f"{at}.name", p.get("name"))
@@ -139,8 +151,9 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
         if node not in node_names:
             raise _fail(src, f"{at}.node", f"{node!r} is not one of the nodes {sorted(node_names)}")
         per_node[node] = per_node.get(node, 0) + 1
-        if per_node[node] > 200:
-            raise _fail(src, f"{at}.node", "at most 200 pods per node")
+        if per_node[node] > MAX_PODS_PER_NODE:
+            raise _fail(src, f"{at}.node", f"at most {MAX_PODS_PER_NODE} pods per node "
+                        "(pod addresses are .9-.254 of the node's /24)")
         ns = _name(src, f"{at}.namespace", p.get("namespace", "default"))
         namespaces.setdefault(ns, {})
         sa = _name(src, f"{at}.serviceAccount", p.get("serviceAccount", "default"))
@@ -150,13 +163,18 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
         labels = p.get("labels", {}) or {}
         if not isinstance(labels, dict):
             raise _fail(src, f"{at}.labels", "expected a mapping")
+        annotations = p.get("annotations", {}) or {}
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise _fail(src, f"{at}.annotations", "expected a mapping of string values "
+                        "(quote \"false\" in YAML)")
         ports = p.get("ports", [8080])
         if (not isinstance(ports, list) or not ports or len(ports) > 8 or
                 not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 65535
                         and x not in (C.PORT_OUTBOUND, C.PORT_INBOUND_PLAIN, C.PORT_HBONE) for x in ports)):
             raise _fail(src, f"{at}.ports", "expected 1-8 port numbers 1-65535, none of 15001/15006/15008")
         pods.append(PodSpec(name=name, node=node, namespace=ns, service_account=sa, app=app,
-                            labels={str(k): str(v) for k, v in labels.items()}, ports=tuple(ports)))
+                            labels={str(k): str(v) for k, v in labels.items()}, ports=tuple(ports),
+                            annotations={str(k): v for k, v in annotations.items()}))
     return Topology(nodes=tuple(nodes), pods=tuple(pods), namespaces=namespaces)
 
 
