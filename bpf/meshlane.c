@@ -6,5 +6,6 @@
 #include <net/sock.h>
 #include "sock_addr.c"
 #include "sockops.c"
+#include "sk_msg.c"
 #include "sk_lookup.c"
 #include "tc.c"

@@ -3,7 +3,8 @@
  * Precedence (first match wins):
  *   1. not TCP                                         -> normal lookup
  *   2. destination in 127.0.0.0/8 (the pod's own loopback: 15001, local apps) -> normal lookup
- *   3. the ztunnel's own connection to the app (listed in mesh_inb_pass) -> normal lookup
+ *   3. the ztunnel's own connection to the app (listed in mesh_inb_pass), or a same-node
+ *      fast-path flow approved at the client's connect() (in mesh_fast) -> normal lookup
  *   4. destination port 15008  -> the pod's HBONE listener (if the ztunnel has one);
  *                                  authorization needs the peer certificate: the ztunnel's
  *   5. any other port: plaintext.  A policy entry for (pod ip, port or any port, source
@@ -26,6 +27,11 @@ int mesh_sk_lookup(struct bpf_sk_lookup *ctx)
 	pass.remote_port = (__u16)ctx->remote_port;
 	if (mesh_inb_pass.lookup(&pass))
 		return SK_PASS;
+	if (mesh_fast_flow_of(ctx->remote_ip4, ctx->local_ip4, bpf_ntohs((__u16)ctx->remote_port),
+			      (__u16)ctx->local_port)) {
+		mesh_count(MESH_CNT_FAST_SYN_PASSED);
+		return SK_PASS;
+	}
 
 	struct mesh_listen_key key = {};
 	key.ip = ctx->local_ip4;

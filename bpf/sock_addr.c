@@ -9,7 +9,10 @@
  *   3. destination is loopback or the pod's own IP            -> untouched
  *   4. a policy entry for (this pod, destination ip, port or any port) says DENY
  *                                 -> connect() fails with ECONNREFUSED, no packet is sent
- *   5. otherwise remember the dialled address by socket cookie and rewrite the
+ *   5. the entry says FAST (destination enrolled on this node, allowed for certain, both
+ *      pods on the fast path)     -> destination unchanged; the socket cookie goes to
+ *      mesh_sk_fast so sockops can approve the flow once its port is bound
+ *   6. otherwise remember the dialled address by socket cookie and rewrite the
  *      destination to 127.0.0.1:15001 (the pod's ztunnel outbound listener); an ALLOW
  *      entry is only counted: the destination's ztunnel checks the peer certificate again
  */
@@ -62,6 +65,13 @@ int mesh_connect4(struct bpf_sock_addr *ctx)
 			mesh_count(MESH_CNT_POLICY_OUT_DENY);
 			mesh_set_retval(-MESH_ECONNREFUSED);
 			return 0;
+		}
+		if (verdict->action == MESH_VERDICT_FAST) {
+			__u64 fcookie = mesh_socket_cookie(ctx);
+			__u32 rule = verdict->rule;
+			mesh_sk_fast.update(&fcookie, &rule);
+			mesh_count(MESH_CNT_CONNECT_FAST);
+			return 1;
 		}
 		mesh_count(MESH_CNT_POLICY_OUT_ALLOW);
 	}

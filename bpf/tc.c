@@ -1,8 +1,9 @@
 /* TC (tcx) programs on the two ends of a pod's veth.
  *
  * mesh_pod_egress, on the pod's own eth0 (egress): fail closed.  A TCP SYN (without ACK)
- * leaving an enrolled pod must come from a ztunnel socket (mark & MASK == 0x539);
- * anything else slipped past connect4 (raw sockets, a ztunnel outage) and is dropped.
+ * leaving an enrolled pod must come from a ztunnel socket (mark & MASK == 0x539) or be a
+ * same-node fast-path flow that connect4 and sockops approved (in mesh_fast); anything
+ * else slipped past connect4 (raw sockets, a ztunnel outage) and is dropped.
  *
  * mesh_veth_ingress, on the node-side veth (ingress = packets coming out of the pod):
  * anti-spoofing.  An IPv4 packet whose source is not the pod's own address is dropped.
@@ -39,6 +40,8 @@ int mesh_pod_egress(struct __sk_buff *skb)
 	if (!tcp->syn || tcp->ack)
 		return TC_ACT_OK;
 	if ((skb->mark & MESH_MARK_MASK) == MESH_MARK_ZTUNNEL)
+		return TC_ACT_OK;
+	if (mesh_fast_flow_of(ip->saddr, ip->daddr, bpf_ntohs(tcp->source), bpf_ntohs(tcp->dest)))
 		return TC_ACT_OK;
 	mesh_count(MESH_CNT_EGRESS_SYN_DROPPED);
 	return TC_ACT_SHOT;

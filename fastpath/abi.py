@@ -33,6 +33,10 @@ def render_consts_header() -> str:
         f"#define MESH_POD_F_ENROLLED 0x{C.POD_F_ENROLLED:x}",
         f"#define MESH_VERDICT_ALLOW {C.VERDICT_ALLOW}",
         f"#define MESH_VERDICT_DENY {C.VERDICT_DENY}",
+        f"#define MESH_VERDICT_FAST {C.VERDICT_FAST}",
+        f"#define MESH_FAST_DIR_UNDECIDED {C.FAST_DIR_UNDECIDED}",
+        f"#define MESH_FAST_DIR_SPLICED {C.FAST_DIR_SPLICED}",
+        f"#define MESH_FAST_DIR_TCP {C.FAST_DIR_TCP}",
         "",
         "/* counter ids (mesh_counters index) */",
     ]

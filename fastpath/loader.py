@@ -34,11 +34,15 @@ PROGRAMS = {
     "mesh_connect4": (18, libbpf.ATTACH_CGROUP_INET4_CONNECT),
     "mesh_getpeer4": (18, libbpf.ATTACH_CGROUP_INET4_GETPEERNAME),
     "mesh_sockops": (13, libbpf.ATTACH_CGROUP_SOCK_OPS),
+    "mesh_fast_msg": (libbpf.PROG_TYPE_SK_MSG, libbpf.ATTACH_SK_MSG_VERDICT),
     "mesh_sk_lookup": (libbpf.PROG_TYPE_SK_LOOKUP, libbpf.ATTACH_SK_LOOKUP),
     "mesh_pod_egress": (3, libbpf.ATTACH_TCX_EGRESS),
     "mesh_veth_ingress": (3, libbpf.ATTACH_TCX_INGRESS),
 }
 CGROUP_PROGRAMS = ("mesh_connect4", "mesh_getpeer4", "mesh_sockops")
+MAPS = ("mesh_pods", "mesh_sk_dst", "mesh_orig_dst", "mesh_listen", "mesh_inb_pass", "mesh_veth",
+        "mesh_counters", C.MAP_POL_OUT, C.MAP_POL_IN, C.MAP_RULE_CNT, C.MAP_SK_FAST, C.MAP_FAST,
+        C.MAP_FAST_SK)
 
 
 def ensure_bpffs() -> None:
@@ -161,32 +165,34 @@ class NodeDatapath:
             raise ConfigError(f"compiling/loading {BPF_SRC} failed: {exc}",
                               hint="see the verifier log above; is the kernel >= 6.6?") from exc
         self.compile_seconds = time.monotonic() - t0
-        for name in ("mesh_pods", "mesh_sk_dst", "mesh_orig_dst", "mesh_listen",
-                     "mesh_inb_pass", "mesh_veth", "mesh_counters", C.MAP_POL_OUT, C.MAP_POL_IN,
-                     C.MAP_RULE_CNT):
+        for name in MAPS:
             self.map_fds[name] = libbpf.obj_get(str(self.maps_dir / name))
-        self._attach_cgroup()
-
-    def _attach_cgroup(self) -> None:
         cg_fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name in CGROUP_PROGRAMS:
-                pin = self.links_dir / name
-                prog = self.prog_fds[name]
-                if pin.exists():
-                    link = libbpf.obj_get(str(pin))
-                    try:
-                        libbpf.link_update(link, prog, f"{pin}")
-                    finally:
-                        os.close(link)
-                    continue
-                link = libbpf.link_create(prog, cg_fd, PROGRAMS[name][1], f"{name} to the cgroup-v2 root")
-                try:
-                    libbpf.obj_pin(link, str(pin))
-                finally:
-                    os.close(link)
+                self._link(name, cg_fd, "the cgroup-v2 root")
         finally:
             os.close(cg_fd)
+        # the splice program hangs off the sockhash itself
+        self._link("mesh_fast_msg", self.map_fds[C.MAP_FAST_SK], C.MAP_FAST_SK)
+
+    def _link(self, name: str, target_fd: int, target: str) -> None:
+        """Attach program `name` through a pinned link, or switch an existing link (agent
+        restart or upgrade) to this build's program without a moment unhooked."""
+        pin = self.links_dir / name
+        prog = self.prog_fds[name]
+        if pin.exists():
+            link = libbpf.obj_get(str(pin))
+            try:
+                libbpf.link_update(link, prog, f"{pin}")
+            finally:
+                os.close(link)
+            return
+        link = libbpf.link_create(prog, target_fd, PROGRAMS[name][1], f"{name} to {target}")
+        try:
+            libbpf.obj_pin(link, str(pin))
+        finally:
+            os.close(link)
 
     def close(self) -> None:
         """Drop this process's handles; pinned maps and links stay (the kernel part lives on)."""
@@ -232,6 +238,15 @@ def unpin_node(node: str) -> list[str]:
     root = pin_dir(node)
     if not root.exists():
         return []
+    fast_pin = root / "maps" / C.MAP_FAST
+    if fast_pin.exists():
+        # unsplice first: the sockhash outlives its pin while spliced sockets hold it
+        from fastpath import fast
+        fd = libbpf.obj_get(str(fast_pin))
+        try:
+            fast.unsplice_all(fd)
+        finally:
+            os.close(fd)
     removed = [str(p) for p in sorted(root.rglob("*"))]
     shutil.rmtree(root)  # bpffs supports unlink/rmdir of pins and directories
     parent = root.parent

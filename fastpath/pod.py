@@ -9,7 +9,8 @@ attach_pod() makes a pod's traffic the mesh's:
                                  (mark 0x1000) are delivered over lo, see constants.py
 Every link is pinned under /sys/fs/bpf/meshlane/<node>/pods/<ns>_<name>/ so it outlives
 the agent; detach_pod() undoes each step and tolerates steps that were never done, so a
-half-finished attach is always cleaned up by detach.
+half-finished attach is always cleaned up by detach.  Detach first unsplices the pod's
+same-node fast-path flows (fastpath.fast): they go on as plain TCP, nothing is lost.
 Must not: create or delete namespaces or interfaces (the lab / CNI does that).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from meshcore import constants as C
 from meshcore import netns
 from meshcore.errors import NotFoundError
 from fastpath import abi
+from fastpath import fast
 from meshcore import bpfsys as libbpf
 from fastpath.loader import NodeDatapath
 
@@ -147,6 +149,7 @@ def detach_pod(dp: NodeDatapath, key: str, *, pod_netns: str | None = None) -> b
     pdir = dp.pods_dir / key
     if not pdir.exists():
         return False
+    _unsplice_pod(dp, pdir)
     for sub, mapname, ctype in (("netns_cookie", "mesh_pods", ctypes.c_uint64),
                                 ("veth_ifindex", "mesh_veth", ctypes.c_uint32)):
         d = pdir / sub
@@ -174,6 +177,25 @@ def detach_pod(dp: NodeDatapath, key: str, *, pod_netns: str | None = None) -> b
             pass
     pdir.rmdir()
     return True
+
+
+def _unsplice_pod(dp: NodeDatapath, pdir: Path) -> None:
+    """Before anything else is undone: no fast-path entry may name the pod any more
+    (no new flow is approved to or from it) and its live flows leave the splice."""
+    d = pdir / "netns_cookie"
+    if not d.exists():
+        return
+    for entry in d.iterdir():
+        info = abi.PodInfo()
+        if not libbpf.map_lookup(dp.map_fds[C.MAP_PODS], ctypes.c_uint64(int(entry.name)), info):
+            continue
+        out_fd = dp.map_fds[C.MAP_POL_OUT]
+        for k in list(libbpf.map_keys(out_fd, abi.PolOutKey)):
+            v = abi.Verdict()
+            if (libbpf.map_lookup(out_fd, k, v) and v.action == C.VERDICT_FAST
+                    and (k.src_pod == info.pod_id or k.dst_ip == info.ip)):
+                libbpf.map_delete(out_fd, k)
+        fast.unsplice_ip(dp.map_fds[C.MAP_FAST], str(abi.be32_to_ip(info.ip)))
 
 
 def attached_keys(dp: NodeDatapath) -> list[str]:

@@ -9,6 +9,10 @@ evaluator the ztunnel runs (meshcore.authz.evaluate), so the two cannot disagree
                 verdict only depends on the port: one entry per port some policy names,
                 plus port 0 for every other port.  DENY fails the connect at once; ALLOW
                 still goes through the ztunnel, whose peer checks the certificate again.
+                FAST: the destination is enrolled on this node too, so both identities
+                are certain and an allow is final: the connect stays direct and the two
+                sockets are spliced (fastpath.fast).  Pairs where either pod opted out,
+                the destination uses a waypoint, or the node switch is off keep ALLOW.
   mesh_pol_in   at SYN time for plaintext into an enrolled pod of this node.  A plaintext
                 peer has no identity, so the verdict depends on the source address and
                 the port only: per port (and port 0), one LPM entry per source prefix any
@@ -48,6 +52,7 @@ class WorkloadView:
     ip: ipaddress.IPv4Address
     identity: SpiffeId
     enrolled: bool
+    fastpath: bool = True   # may take the same-node splice (no opt-out, no waypoint)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ def rule_id(policy_key: str, index: int) -> int:
 
 def rule_names(policies: Iterable[Policy]) -> dict[int, str]:
     names = {C.RULE_NO_ALLOW_MATCH: "(no ALLOW policy matched)",
-             C.RULE_NO_ALLOW_POLICY: "(no ALLOW policy in scope)"}
+             C.RULE_NO_ALLOW_POLICY: "(no ALLOW policy in scope)",
+             C.RULE_NO_POLICY: "(no policy in scope)"}
     for p in policies:
         for r in p.rules:
             names[rule_id(p.key, r.index)] = f"{p.key} rule {r.index} ({p.action})"
@@ -119,23 +125,39 @@ def _representative(net: V4, inner: list[V4]) -> ipaddress.IPv4Address | None:
 
 
 def compile_out(policies: list[Policy], workloads: Iterable[WorkloadView],
-                local: Iterable[LocalPod]) -> dict[OutKey, Entry]:
+                local: Iterable[LocalPod], *, fastpath: bool = True) -> dict[OutKey, Entry]:
+    """`fastpath` is the node-wide switch of the same-node splice."""
     out: dict[OutKey, Entry] = {}
+    local = list(local)
+    local_uids = {lp.workload.uid for lp in local}
     dests = [w for w in workloads if w.enrolled and w.ip.version == 4]
     for d in dests:
         scoped = in_scope(policies, d.namespace, dict(d.labels))
-        if not scoped:
+        d_fast = fastpath and d.fastpath and d.uid in local_uids
+        if not scoped and not d_fast:
             continue
         ports, _ = _mentioned(scoped)
         other = _other_port(ports)
         for src in local:
             if src.workload.uid == d.uid:
                 continue   # connect4 never redirects a pod's connects to itself
+            fast = d_fast and src.workload.fastpath
+            if not scoped:
+                out[(src.pod_id, str(d.ip), 0)] = (C.VERDICT_FAST, C.RULE_NO_POLICY)
+                continue
             for port in ports + [0]:
                 conn = Conn(src_ip=src.workload.ip, dst_ip=d.ip, dst_port=port or other,
                             src_identity=src.workload.identity)
-                out[(src.pod_id, str(d.ip), port)] = _entry(evaluate(scoped, conn))
+                action, rid = _entry(evaluate(scoped, conn))
+                if fast and action == C.VERDICT_ALLOW:
+                    action = C.VERDICT_FAST
+                out[(src.pod_id, str(d.ip), port)] = (action, rid)
     return out
+
+
+def verdict_for(entries: dict[OutKey, Entry], src_pod: int, dst_ip: str, port: int) -> Entry | None:
+    """The entry connect4 would find for this connect (exact port, then port 0)."""
+    return entries.get((src_pod, dst_ip, port)) or entries.get((src_pod, dst_ip, 0))
 
 
 def compile_in(policies: list[Policy], local: Iterable[LocalPod]) -> dict[InKey, Entry]:

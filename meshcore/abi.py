@@ -79,6 +79,26 @@ class PolInKey(ctypes.Structure):
                 ("dst_port", ctypes.c_uint32), ("src_ip", ctypes.c_uint32)]
 
 
+class FastKey(ctypes.Structure):
+    """struct mesh_fast_key { __u32 local_ip; __u32 remote_ip; /* be */ __u16 local_port;
+                              __u16 remote_port; /* host */ };  (a socket's own 4-tuple)"""
+    _fields_ = [("local_ip", ctypes.c_uint32), ("remote_ip", ctypes.c_uint32),
+                ("local_port", ctypes.c_uint16), ("remote_port", ctypes.c_uint16)]
+
+    def endpoints(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        return ((str(be32_to_ip(self.local_ip)), self.local_port),
+                (str(be32_to_ip(self.remote_ip)), self.remote_port))
+
+
+class FastFlow(ctypes.Structure):
+    """struct mesh_fast_flow { __u32 rule; __u32 src_pod; __u8 client_in; __u8 server_in;
+                               __u8 dir[2]; __u32 pad; __u64 bytes[2]; };"""
+    _fields_ = [("rule", ctypes.c_uint32), ("src_pod", ctypes.c_uint32),
+                ("client_in", ctypes.c_uint8), ("server_in", ctypes.c_uint8),
+                ("dir", ctypes.c_uint8 * 2), ("pad", ctypes.c_uint32),
+                ("bytes", ctypes.c_uint64 * 2)]
+
+
 ABI_STRUCTS = {
     "mesh_pod_info": PodInfo,
     "mesh_dst": Dst,
@@ -89,6 +109,8 @@ ABI_STRUCTS = {
     "mesh_pol_out_key": PolOutKey,
     "mesh_verdict": Verdict,
     "mesh_pol_in_key": PolInKey,
+    "mesh_fast_key": FastKey,
+    "mesh_fast_flow": FastFlow,
 }
 
 

@@ -18,12 +18,14 @@ from meshcore.errors import ConfigError, MeshError, NeedsRootError
 # enum bpf_attach_type values used here (uapi/linux/bpf.h; SK_LOOKUP and tcx are missing
 # from bcc's enum)
 ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_MSG_VERDICT = 7
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET4_GETPEERNAME = 29
 ATTACH_SK_LOOKUP = 36
 ATTACH_TCX_INGRESS = 46
 ATTACH_TCX_EGRESS = 47
 PROG_TYPE_SK_LOOKUP = 30
+PROG_TYPE_SK_MSG = 16
 
 BPF_ANY = 0
 BPF_NOEXIST = 1

@@ -67,7 +67,7 @@ CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 # --- kernel ABI ------------------------------------------------------------------------
 # Bumped whenever a map key/leaf layout changes; the loader refuses to reuse pinned maps
 # of another version (it names the pin directory to remove).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Map names (<= 15 chars, the kernel's BPF_OBJ_NAME_LEN - 1).
 MAP_PODS = "mesh_pods"          # netns cookie -> enrolled pod
@@ -80,18 +80,33 @@ MAP_COUNTERS = "mesh_counters"  # per-cpu u64 per counter id below
 MAP_POL_OUT = "mesh_pol_out"    # (src pod, dst ip, dst port) -> verdict, decided at connect()
 MAP_POL_IN = "mesh_pol_in"      # LPM (dst pod ip, dst port, src ip/len) -> verdict for plaintext SYNs
 MAP_RULE_CNT = "mesh_rule_cnt"  # per-cpu hits per compiled rule id
+MAP_SK_FAST = "mesh_sk_fast"    # socket cookie -> rule id: connect4 chose the fast path (for sockops)
+MAP_FAST = "mesh_fast"          # approved same-node flow (client's 4-tuple) -> splice state
+MAP_FAST_SK = "mesh_fast_sk"    # sockhash: a fast-path socket's own 4-tuple -> socket (sk_msg splices)
 
 # Kernel policy verdicts (mesh_verdict.action) and the rule ids that are not a user's rule.
 VERDICT_ALLOW = 1
 VERDICT_DENY = 2
+VERDICT_FAST = 3           # allowed for certain (same node, both identities known): direct + spliced
 RULE_NO_ALLOW_MATCH = 1    # denied: ALLOW policies are in scope and none matched
 RULE_NO_ALLOW_POLICY = 2   # allowed: only DENY policies in scope and none matched
+RULE_NO_POLICY = 3         # fast path: no policy applies to the destination at all
 RULE_ID_FIRST = 16         # ids of users' rules start here (crc32 of "ns/name#index")
 
 LISTENER_HBONE = 0
 LISTENER_PLAIN = 1
 
 POD_F_ENROLLED = 0x1
+
+# Same-node fast path (mesh_fast values).  FAST_DIR_* is the state of one direction of a
+# flow: its first send either found the peer socket in the sockhash (SPLICED: every later
+# send is redirected too) or did not (TCP: it stays on TCP, since redirecting after bytes
+# went by TCP could overtake them).
+FAST_DIR_UNDECIDED = 0
+FAST_DIR_SPLICED = 1
+FAST_DIR_TCP = 2
+ANNOTATION_FASTPATH = "meshlane.io/fastpath"   # "false": this pod opts out of the splice
+LABEL_USE_WAYPOINT = "istio.io/use-waypoint"   # L7 through a waypoint: never the fast path
 
 # Counter ids: one name each, in this order.  Shared by the C programs (generated header)
 # and `meshlane bpf counters`; a new counter goes at the end.
@@ -110,4 +125,10 @@ COUNTERS = (
     "policy_out_deny",        # connect4: a policy entry denied the connect (ECONNREFUSED, no packet)
     "policy_in_allow",        # sk_lookup: plaintext SYN allowed by a policy entry (to 15006)
     "policy_in_deny",         # sk_lookup: plaintext SYN denied by a policy entry (RST)
+    "connect_fast",           # connect4: same-node allowed connect left direct (fast path)
+    "fast_syn_passed",        # sk_lookup: an approved fast-path SYN went straight to the app
+    "fast_spliced",           # sockops: a fast-path socket put into the sockhash
+    "fast_msg_redirected",    # sk_msg: a send redirected to the peer socket (bypassed TCP)
+    "fast_bytes_redirected",  # sk_msg: payload bytes of those sends
+    "fast_tcp_fallback",      # sk_msg: a direction's first send found no peer; it stays on TCP
 )

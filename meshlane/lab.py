@@ -391,3 +391,29 @@ def resolve_pod(lab: str, pod: str) -> dict:
             return p
     raise NotFoundError(f"no pod {pod!r} in lab {lab!r}",
                         hint=f"pods: {', '.join(p['name'] for p in state['pods'])}")
+
+
+def workload_cert(lab: str, node: str, namespace: str, pod: str, service_account: str):
+    """A real workload certificate (a `slowpath.certs.WorkloadCert`) from the lab's CA for
+    spiffe://<trust domain>/ns/<namespace>/sa/<service_account>, asked for as `node`
+    would: a fresh key, a CSR, and the node's own token.  The CA is node-scoped, so `pod`
+    must be a pod of `namespace` scheduled on `node`, and `service_account` must be its
+    service account (the CA signs the pod's identity, and from_pems checks the match).
+    For tests and benchmarks that stand in for a node's proxy (e.g. a real Envoy)."""
+    from meshcore.identity import SpiffeId
+    from slowpath import certs
+
+    paths = LabPaths(lab)
+    token = (paths.node_dir(node) / "token").read_text().strip()
+    trust_domain = control_client.call(str(paths.control_socket), "root").get(
+        "trustDomain", C.DEFAULT_TRUST_DOMAIN)
+    spiffe = SpiffeId(trust_domain=trust_domain, namespace=namespace,
+                      service_account=service_account)
+    key = certs.generate_key()
+    ans = control_client.call(str(paths.control_socket), "sign", node=node, token=token,
+                              namespace=namespace, pod=pod,
+                              csr=certs.make_csr(key, spiffe).decode())
+    return certs.WorkloadCert.from_pems(spiffe=spiffe, key_pem=certs.key_to_pem(key),
+                                        cert_pem=ans["cert"].encode(),
+                                        chain_pem=ans["chain"].encode(),
+                                        root_pem=ans["root"].encode())

@@ -7,6 +7,9 @@ out, `ambient` takes it in; otherwise the namespace's label decides), and for ea
 change (1) hands the pod's netns fd to the ztunnel over ZDS, (2) attaches the pod in
 the kernel, (3) records status.enrolled in the control plane.  Taking a pod out runs
 the same steps backwards.  Never restarts or signals a pod's processes.
+It also compiles L4 policy into the kernel (fastpath.policy) and keeps the same-node
+fast path honest: after each compile, every live spliced flow that the new entries no
+longer make FAST is unspliced (opt-out, waypoint, node switch) or closed (now denied).
 Must not: proxy traffic or hold certificates.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from meshcore import constants as C
 from meshcore import netns
 from meshcore.errors import MeshError, NotFoundError
 from meshcore.identity import SpiffeId
+from fastpath import fast as ffast
 from fastpath import loader
 from fastpath import policy as fpolicy
 from fastpath import pod as fpod
@@ -42,6 +46,21 @@ def wants_ambient(pod: dict, namespaces: dict[str, dict]) -> bool:
         return True
     ns = namespaces.get(pod["metadata"].get("namespace", "default"), {})
     return (ns.get("metadata", {}).get("labels") or {}).get(C.LABEL_DATAPLANE_MODE) == C.DATAPLANE_AMBIENT
+
+
+def wants_fastpath(pod: dict, namespaces: dict[str, dict]) -> bool:
+    """May this pod's same-node connections be spliced?  Not if it opted out with the
+    annotation meshlane.io/fastpath: "false" (apps using splice(2) do not see sockmap
+    data), nor if a waypoint serves it (istio.io/use-waypoint on the pod, or on its
+    namespace unless the pod says `none`): L7 policy must see its traffic."""
+    meta = pod["metadata"]
+    if (meta.get("annotations") or {}).get(C.ANNOTATION_FASTPATH, "").lower() == "false":
+        return False
+    waypoint = (meta.get("labels") or {}).get(C.LABEL_USE_WAYPOINT)
+    if waypoint is None:
+        ns = namespaces.get(meta.get("namespace", "default"), {})
+        waypoint = (ns.get("metadata", {}).get("labels") or {}).get(C.LABEL_USE_WAYPOINT)
+    return waypoint in (None, "", "none")
 
 
 class ZdsServer:
@@ -242,7 +261,8 @@ class NodeAgent:
                 ip=ipaddress.IPv4Address(ip),
                 identity=SpiffeId(trust_domain=self.trust_domain, namespace=ns,
                                   service_account=spec.get("serviceAccountName", "default")),
-                enrolled=bool((o.get("status") or {}).get("enrolled")))
+                enrolled=bool((o.get("status") or {}).get("enrolled")),
+                fastpath=wants_fastpath(o, self.namespaces))
         local = [fpolicy.LocalPod(pod_id=fpod.pod_number(fpod.pod_key(*uid.split("/", 1))),
                                   workload=views[uid])
                  for uid in self.enrolled if uid in views]
@@ -252,7 +272,8 @@ class NodeAgent:
             if not lp.workload.enrolled:
                 w = lp.workload
                 views[w.uid] = fpolicy.WorkloadView(uid=w.uid, namespace=w.namespace, labels=w.labels,
-                                                    ip=w.ip, identity=w.identity, enrolled=True)
+                                                    ip=w.ip, identity=w.identity, enrolled=True,
+                                                    fastpath=w.fastpath)
         return list(views.values()), local
 
     def compile_policies(self) -> dict:
@@ -260,16 +281,44 @@ class NodeAgent:
         rev = self.rev
         policies = authz.policies_from_objects(self.policies.values())
         workloads, local = self._views()
-        want_out = fpolicy.compile_out(policies, workloads, local)
+        want_out = fpolicy.compile_out(policies, workloads, local, fastpath=self.fastpath)
         want_in = fpolicy.compile_in(policies, local)
         st = fpolicy.sync(self.dp.map_fds[C.MAP_POL_OUT], self.dp.map_fds[C.MAP_POL_IN], want_out, want_in)
+        unspliced, closed = self.recheck_fast(want_out)
         took = (time.monotonic() - t0) * 1000
-        if st.written or st.deleted:
+        if st.written or st.deleted or unspliced or closed:
             log.info("policy: %d policies -> %d connect entries, %d plaintext entries "
-                     "(%d written, %d removed) in %.1f ms", len(policies), len(want_out), len(want_in),
-                     st.written, st.deleted, took)
+                     "(%d written, %d removed; fast flows: %d unspliced, %d closed) in %.1f ms",
+                     len(policies), len(want_out), len(want_in), st.written, st.deleted,
+                     unspliced, closed, took)
         return {"policyRevision": rev, "policies": len(policies), "connectEntries": len(want_out),
-                "plaintextEntries": len(want_in)}
+                "plaintextEntries": len(want_in), "fastpath": self.fastpath}
+
+    def recheck_fast(self, want_out: dict) -> tuple[int, int]:
+        """Live fast-path flows against the entries just written: still FAST -> kept;
+        DENY -> both ends closed (policy changes close denied connections, as the
+        ztunnel does for its own); anything else -> unspliced, the connection goes on as
+        plain TCP.  Returns (unspliced, closed)."""
+        fd = self.dp.map_fds[C.MAP_FAST]
+        netns_of = {info["ip"]: path for info, path in self.enrolled.values()}
+        unspliced = closed = 0
+        for flow in ffast.read_flows(fd):
+            e = fpolicy.verdict_for(want_out, flow.src_pod, flow.server[0], flow.server[1])
+            if e is not None and e[0] == C.VERDICT_FAST:
+                continue
+            ffast.unsplice(fd, flow)
+            if e is not None and e[0] == C.VERDICT_DENY:
+                for ip, local, remote in ((flow.client[0], flow.client, flow.server),
+                                          (flow.server[0], flow.server, flow.client)):
+                    if ip in netns_of and _exists(netns_of[ip]):
+                        ffast.destroy_socket(netns_of[ip], local, remote)
+                closed += 1
+                log.info("fast flow %s:%d -> %s:%d is now denied: closed", *flow.client, *flow.server)
+            else:
+                unspliced += 1
+                log.info("fast flow %s:%d -> %s:%d no longer on the fast path: unspliced",
+                         *flow.client, *flow.server)
+        return unspliced, closed
 
     async def policy_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -156,13 +156,15 @@ def test_api_versions():
 # --- the kernel compiler against the evaluator ------------------------------------------
 
 def _views():
-    def w(uid, ns, sa, ip, labels=(), enrolled=True):
+    def w(uid, ns, sa, ip, labels=(), enrolled=True, fastpath=True):
         return fpolicy.WorkloadView(uid=uid, namespace=ns, labels=tuple(sorted(labels)),
                                     ip=ipaddress.IPv4Address(ip), enrolled=enrolled,
-                                    identity=SpiffeId(namespace=ns, service_account=sa))
+                                    identity=SpiffeId(namespace=ns, service_account=sa),
+                                    fastpath=fastpath)
     return [w("front/web", "front", "web", "10.244.1.10", [("app", "web")]),
             w("back/api", "back", "api", "10.244.1.11", [("app", "api")]),
             w("back/db", "back", "db", "10.244.2.10", [("app", "db")]),
+            w("front/cache", "front", "cache", "10.244.1.12", fastpath=False),
             w("legacy/old", "legacy", "default", "10.244.2.12", enrolled=False)]
 
 
@@ -180,11 +182,15 @@ POLICIES = [
 ]
 
 
-def test_compiled_entries_agree_with_the_evaluator_everywhere():
+@pytest.mark.parametrize("node_fastpath", [True, False])
+def test_compiled_entries_agree_with_the_evaluator_everywhere(node_fastpath):
     policies = [authz.parse(p).policy for p in POLICIES]
     views = _views()
-    local = [fpolicy.LocalPod(pod_id=i + 1, workload=v) for i, v in enumerate(views) if v.enrolled]
-    outs = fpolicy.compile_out(policies, views, local)
+    # back/db is enrolled on another node: a destination, never a source here
+    local = [fpolicy.LocalPod(pod_id=i + 1, workload=v) for i, v in enumerate(views)
+             if v.enrolled and v.uid != "back/db"]
+    local_uids = {lp.workload.uid for lp in local}
+    outs = fpolicy.compile_out(policies, views, local, fastpath=node_fastpath)
     ins = fpolicy.compile_in(policies, local)
     rng = random.Random(7)
     ports = [7070, 8080, 9090, 5432, 1, 65535]
@@ -195,12 +201,19 @@ def test_compiled_entries_agree_with_the_evaluator_everywhere():
         # source side: every local enrolled pod but the destination itself
         src = rng.choice([lp for lp in local if lp.workload.uid != d.uid])
         c = authz.Conn(src_ip=src.workload.ip, dst_ip=d.ip, dst_port=port, src_identity=src.workload.identity)
-        e = outs.get((src.pod_id, str(d.ip), port)) or outs.get((src.pod_id, str(d.ip), 0))
+        e = fpolicy.verdict_for(outs, src.pod_id, str(d.ip), port)
         want = authz.evaluate(want_scope, c)
-        assert (e is None) == (not want_scope)
+        # the splice: same node, both pods on the fast path, node switch on, allowed
+        fast_pair = node_fastpath and d.uid in local_uids and d.fastpath and src.workload.fastpath
+        assert (e is None) == (not want_scope and not fast_pair)
         if e is not None:
-            assert (e[0] == C.VERDICT_ALLOW) == want.allow, (src.workload.uid, d.uid, port, want)
-        # destination side: plaintext from anywhere
+            assert (e[0] != C.VERDICT_DENY) == want.allow, (src.workload.uid, d.uid, port, want)
+            assert (e[0] == C.VERDICT_FAST) == (want.allow and fast_pair), (src.workload.uid, d.uid, port)
+            if not want_scope:
+                assert e == (C.VERDICT_FAST, C.RULE_NO_POLICY)
+        # destination side (local pods only): plaintext from anywhere
+        if d.uid not in local_uids:
+            continue
         ip = ipaddress.IPv4Address(rng.choice(["10.244.1.10", "10.244.1.11", "10.244.2.5", "10.244.2.70",
                                                "10.244.2.130", "192.0.2.1"]) if rng.random() < .7
                                    else rng.getrandbits(32))
