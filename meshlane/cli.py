@@ -503,14 +503,54 @@ def zc_workloads(lab, node_name, output) -> None:
 
 @zc.command("connections")
 @LAB
-@click.option("--node", "node_name", default=None)
+@click.option("--node", "node_name", default=None, help="whose connections (default: first node)")
+@click.option("--recent", is_flag=True, help="closed connections (the ztunnel's access records) instead")
 @OUTPUT
-def zc_connections(lab, node_name, output) -> None:
-    """Recent connections with their protocol and peer identities."""
-    recent = _zt_dump(lab, node_name, "/connections")
-    emit(recent, output, table=lambda rs: [("DIRECTION", "PROTOCOL", "SRC", "SRC IDENTITY", "DST", "STATUS")] +
-         [(r.get("direction"), r.get("protocol"), r.get("src"), r.get("src_identity") or "-",
-           r.get("dst"), r.get("status", r.get("error", "ok"))) for r in rs])
+def zc_connections(lab, node_name, recent, output) -> None:
+    """Open connections of a node's pods and the path each takes: FAST (same node,
+    spliced in the kernel, never seen by the ztunnel), HBONE (mTLS tunnel), TCP
+    (plaintext into an enrolled pod) or PASSTHROUGH (to a destination outside the mesh)."""
+    from meshlane import lab as labmod
+    state = labmod.load_state(lab)
+    node_name = node_name or state["nodes"][0]["name"]
+    dump = _zt_dump(lab, node_name, "/connections")
+    if recent:
+        emit(dump["recent"], output, table=lambda rs: [("DIRECTION", "PROTOCOL", "SRC", "SRC IDENTITY", "DST",
+                                                        "STATUS")] +
+             [(r.get("direction"), r.get("protocol"), r.get("src"), r.get("src_identity") or "-",
+               r.get("dst"), r.get("status", r.get("error", "ok"))) for r in rs])
+        return
+    rows = [dict(r, state="open") for r in dump["open"]]
+    rows += _fast_connections(lab, node_name)
+    emit(rows, output, table=lambda rs: [("PROTOCOL", "DIRECTION", "SRC", "SRC IDENTITY", "DST", "DST IDENTITY",
+                                          "STATE")] +
+         [(r.get("protocol"), r.get("direction"), r.get("src"), r.get("src_identity") or "-", r.get("dst"),
+           r.get("dst_identity") or "-", r.get("state")) for r in rs])
+
+
+def _fast_connections(lab: str, node_name: str) -> list[dict]:
+    """The node's same-node fast-path flows, read from its pinned mesh_fast map."""
+    from fastpath import fast
+    from fastpath.loader import NodeDatapath
+    from meshcore import bpfsys as libbpf
+    from meshlane import lab as labmod
+    _need_root("reading BPF maps")
+    dp = NodeDatapath(labmod.LabPaths(lab).pin_name(node_name))
+    fd = libbpf.obj_get(str(dp.maps_dir / C.MAP_FAST))
+    try:
+        flows = fast.read_flows(fd)
+    finally:
+        os.close(fd)
+    ident = {w["ip"]: w for w in _zt_dump(lab, node_name)["workloads"]}
+    rows = []
+    for f in flows:
+        src, dst = ident.get(f.client[0], {}), ident.get(f.server[0], {})
+        rows.append({"protocol": "FAST", "direction": "local",
+                     "src": f"{src.get('namespace', '?')}/{src.get('name', '?')} {f.client[0]}:{f.client[1]}",
+                     "src_identity": src.get("identity"), "dst": f"{f.server[0]}:{f.server[1]}",
+                     "dst_identity": dst.get("identity"),
+                     "state": "spliced" if f.spliced else "direct (not spliced)", "flow": f.to_json()})
+    return rows
 
 
 @zc.command("policies")
@@ -592,7 +632,7 @@ def bpf_policy_get(lab, pod, namespace, output) -> None:
             os.close(fd)
     by_ip = {(o.get("status") or {}).get("podIP"): f"{o['metadata']['namespace']}/{o['metadata']['name']}"
              for o in call(sock, "get", kind="Pod")["objects"]}
-    verdict = {C.VERDICT_ALLOW: "ALLOW", C.VERDICT_DENY: "DENY"}
+    verdict = {C.VERDICT_ALLOW: "ALLOW", C.VERDICT_DENY: "DENY", C.VERDICT_FAST: "FAST"}
 
     def row(peer, workload, port, e):
         return {"peer": peer, "workload": workload, "port": port or "*", "verdict": verdict.get(e[0], e[0]),

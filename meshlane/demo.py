@@ -111,7 +111,7 @@ def main() -> int:
         tls_records = sum(1 for _, _, p in payload if p[:1] in (b"\x16", b"\x17", b"\x14", b"\x15"))
         leaked = any(marker.encode() in p for _, _, p in payload)
         code, body = labmod.http_get_in_netns(f"{name}-node2", C.PORT_ADMIN, "/connections")
-        inbound = [r for r in json.loads(body) if r.get("direction") == "inbound"
+        inbound = [r for r in json.loads(body)["recent"] if r.get("direction") == "inbound"
                    and r.get("protocol") == "HBONE" and r.get("status") == 200
                    and r.get("dst") == f"{s2['ip']}:8080"]
         rec = inbound[-1] if inbound else {}

@@ -90,6 +90,8 @@ class Ztunnel:
         self.pool: dict[tuple, list[HboneLink]] = {}
         self.dialing: dict[tuple, asyncio.Future] = {}
         self.recent = collections.deque(maxlen=500)
+        self.open: dict[int, dict] = {}   # live connections (admin /connections), by serial
+        self._serial = 0
         self.zds_synced = False
         self.map_fds: dict[str, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -126,6 +128,17 @@ class Ztunnel:
         fields.setdefault("time", datetime.now(timezone.utc).isoformat())
         self.recent.append(fields)
         access.info(json.dumps(fields, sort_keys=True))
+
+    def opened(self, on_close, **desc):
+        """List a connection as open until `on_close` runs (admin /connections)."""
+        self._serial += 1
+        serial = self._serial
+        self.open[serial] = dict(desc, since=datetime.now(timezone.utc).isoformat())
+
+        def closed(*a):
+            self.open.pop(serial, None)
+            on_close(*a)
+        return closed
 
     # --- pods ---------------------------------------------------------------------------
     async def add_pod(self, info: dict, fd: int) -> None:
@@ -272,10 +285,12 @@ class Ztunnel:
         s = await self._dial_from(pod, dst)
         _, up = await self.loop.create_connection(AppSide, sock=s)
         started = time.monotonic()
-        Pipe(app, up, on_close=lambda a, b: self.record(
+        Pipe(app, up, on_close=self.opened(lambda a, b: self.record(
             direction="outbound", protocol="PASSTHROUGH", src=pod.uid, src_identity=pod.spiffe.uri,
             dst=f"{dst[0]}:{dst[1]}", bytes_sent=a, bytes_received=b,
-            duration_ms=round((time.monotonic() - started) * 1000, 2)))
+            duration_ms=round((time.monotonic() - started) * 1000, 2)),
+            direction="outbound", protocol="PASSTHROUGH", src=pod.uid, src_identity=pod.spiffe.uri,
+            dst=f"{dst[0]}:{dst[1]}"))
 
     async def _link_for(self, pod: LocalPod, target: Workload) -> HboneLink:
         key = (pod.spiffe.uri, target.spiffe.uri, str(target.ip), pod.ip)
@@ -339,10 +354,12 @@ class Ztunnel:
                         error="CONNECT")
             app.transport.abort()
             return
-        link.bind(sid, app, on_close=lambda sent, recv: self.record(
+        link.bind(sid, app, on_close=self.opened(lambda sent, recv: self.record(
             direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
             dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200, bytes_sent=sent,
-            bytes_received=recv, duration_ms=round((time.monotonic() - started) * 1000, 2)))
+            bytes_received=recv, duration_ms=round((time.monotonic() - started) * 1000, 2)),
+            direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
+            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri))
 
     # --- authorization ----------------------------------------------------------------------
     def authorize(self, pod: LocalPod, conn: authz.Conn) -> authz.Decision:
@@ -423,10 +440,12 @@ class Ztunnel:
                         reason=str(exc))
             app.transport.abort()
             return
-        Pipe(app, up, on_close=self._track(pod, conn, up, lambda a, b: self.record(
+        Pipe(app, up, on_close=self.opened(self._track(pod, conn, up, lambda a, b: self.record(
             direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
             dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, bytes_received=a, bytes_sent=b,
-            duration_ms=round((time.monotonic() - started) * 1000, 2))))
+            duration_ms=round((time.monotonic() - started) * 1000, 2))),
+            direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
+            dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid))
 
     def _hbone_factory(self, pod: LocalPod):
         def factory():
@@ -465,9 +484,9 @@ class Ztunnel:
             return
         link.codec.accept(e.stream_id)
         link.flush()
-        link.bind(e.stream_id, up, on_close=self._track(pod, conn, up, lambda sent, recv: self.record(
+        link.bind(e.stream_id, up, on_close=self.opened(self._track(pod, conn, up, lambda sent, recv: self.record(
             **common, status=200, bytes_sent=recv, bytes_received=sent,
-            duration_ms=round((time.monotonic() - started) * 1000, 2))))
+            duration_ms=round((time.monotonic() - started) * 1000, 2))), **common))
 
     # --- control plane watch -------------------------------------------------------------
     async def watch_workloads(self) -> None:
@@ -571,7 +590,8 @@ class Ztunnel:
             elif path.startswith("/config_dump"):
                 code, body = 200, json.dumps(self.config_dump(), indent=1) + "\n"
             elif path.startswith("/connections"):
-                code, body = 200, json.dumps(list(self.recent), indent=1) + "\n"
+                code, body = 200, json.dumps({"open": list(self.open.values()),
+                                              "recent": list(self.recent)}, indent=1) + "\n"
             else:
                 code, body = 404, "not found\n"
             data = body.encode()

@@ -35,6 +35,7 @@ from meshlane import lab as labmod
 from slowpath import control_client
 from slowpath import envoy_hbone as eh
 from tests.envoy_util import EnvoyProcess, requires_envoy
+from tests.root.meshtest import wait_record
 
 pytestmark = [
     pytest.mark.root,
@@ -186,24 +187,6 @@ def interop(tmp_path_factory):
             labmod.down(name, quiet=True)
         except Exception:
             pass
-
-
-def zt_connections(lab: str, node: str) -> list[dict]:
-    code, body = labmod.http_get_in_netns(f"{lab}-{node}", C.PORT_ADMIN, "/connections")
-    assert code == 200, body
-    return json.loads(body)
-
-
-def wait_record(lab: str, node: str, pred, timeout: float = 8.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        for r in zt_connections(lab, node):
-            if pred(r):
-                return r
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"no matching access record on {node}: "
-                                 f"{zt_connections(lab, node)[-5:]}")
-        time.sleep(0.1)
 
 
 def connect_from(ns: str, addr: tuple[str, int], timeout: float = IO_TIMEOUT) -> socket.socket:

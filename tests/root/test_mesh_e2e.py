@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 import uuid
 from datetime import timedelta
 
@@ -23,7 +22,7 @@ from fastpath import loader
 from meshlane import lab as labmod
 from meshlane.ca import CertificateAuthority
 from slowpath import certs, control_client, tls
-from tests.root.meshtest import Capture, running_lab, connect_status as _connect_status, node_cert as _node_cert, tls_to as _tls_to
+from tests.root.meshtest import Capture, running_lab, wait_record, connect_status as _connect_status, node_cert as _node_cert, tls_to as _tls_to
 
 pytestmark = pytest.mark.root
 
@@ -38,22 +37,6 @@ def http_get(ns: str, ip: str, port: int = 8080, path: str = "/", timeout: float
     code, body = labmod.http_get_in_netns(ns, port, path, timeout, ip=ip)
     assert code == 200, (code, body)
     return json.loads(body)
-
-
-def zt_connections(lab: str, node: str) -> list[dict]:
-    code, body = labmod.http_get_in_netns(f"{lab}-{node}", C.PORT_ADMIN, "/connections")
-    assert code == 200
-    return json.loads(body)
-
-
-def wait_record(lab: str, node: str, pred, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for r in zt_connections(lab, node):
-            if pred(r):
-                return r
-        time.sleep(0.1)
-    raise AssertionError(f"no matching access record on {node}: {zt_connections(lab, node)[-5:]}")
 
 
 def test_cross_node_request_is_mtls_on_the_underlay(lab, tmp_path):
