@@ -3,6 +3,7 @@ bare HTTP/2 CONNECT, so a test can speak HBONE to a ztunnel as any pod would."""
 from __future__ import annotations
 
 import contextlib
+import json
 import errno
 import os
 import signal
@@ -14,10 +15,9 @@ from pathlib import Path
 
 from meshcore import constants as C
 from meshcore import netns
-from meshcore.identity import SpiffeId
 from fastpath.loader import NodeDatapath
 from meshlane import lab as labmod
-from slowpath import certs, control_client
+from slowpath import certs
 
 
 @contextlib.contextmanager
@@ -67,15 +67,7 @@ def http_probe(ns: str, ip: str, port: int) -> tuple[str, float]:
 
 def node_cert(name: str, node: str, namespace: str, pod: str, sa: str) -> certs.WorkloadCert:
     """A real workload certificate from the lab's CA, asked for as that node would."""
-    paths = labmod.LabPaths(name)
-    token = (paths.node_dir(node) / "token").read_text().strip()
-    spiffe = SpiffeId(namespace=namespace, service_account=sa)
-    key = certs.generate_key()
-    ans = control_client.call(str(paths.control_socket), "sign", node=node, token=token,
-                              namespace=namespace, pod=pod, csr=certs.make_csr(key, spiffe).decode())
-    return certs.WorkloadCert.from_pems(spiffe=spiffe, key_pem=certs.key_to_pem(key),
-                                        cert_pem=ans["cert"].encode(), chain_pem=ans["chain"].encode(),
-                                        root_pem=ans["root"].encode())
+    return labmod.workload_cert(name, node, namespace, pod, sa)
 
 
 def tls_to(ns: str, ip: str, ctx: ssl.SSLContext, *, mark: int | None = None) -> ssl.SSLSocket:
@@ -139,3 +131,23 @@ class Capture:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(5)
         self.data = self.path.read_bytes()
+
+
+def zt_connections(lab: str, node: str) -> list[dict]:
+    """The ztunnel's access records of `node` (closed connections, newest last)."""
+    code, body = labmod.http_get_in_netns(f"{lab}-{node}", C.PORT_ADMIN, "/connections")
+    assert code == 200, body
+    return json.loads(body)["recent"]
+
+
+def wait_record(lab: str, node: str, pred, timeout: float = 8.0) -> dict:
+    """The first access record on `node` that `pred` accepts, waiting up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for r in zt_connections(lab, node):
+            if pred(r):
+                return r
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no matching access record on {node}: "
+                                 f"{zt_connections(lab, node)[-5:]}")
+        time.sleep(0.1)
