@@ -135,7 +135,7 @@ class ControlPlane:
     def op_put(self, object: dict) -> dict:
         obj = self.store.put(object)
         self._notify("put", obj)
-        return {"object": obj}
+        return {"object": obj, "rev": self.store.rev}
 
     def _validate(self, obj, *, src: str, prefix: str) -> tuple[dict, list[str]]:
         """Server-side validation of one applied object -> (object to store, warnings)."""

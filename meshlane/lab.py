@@ -159,9 +159,10 @@ def http_get_in_netns(ns: str, port: int, path: str, timeout: float = 2.0, *,
     return int(head.split()[1]), body.decode(errors="replace")
 
 
-def wait_policies(lab: str, rev: int, timeout: float = 20) -> None:
+def wait_policies(lab: str, rev: int, timeout: float = 20, *, ztunnels: bool = True) -> None:
     """Wait until every node agent has compiled, and every ztunnel runs, the policies of
-    store revision `rev` (or later)."""
+    store revision `rev` (or later).  ztunnels=False: the node agents only (for changes
+    the ztunnels do not watch, such as Namespace labels)."""
     paths = LabPaths(lab)
     nodes = [n["netns"] for n in load_state(lab)["nodes"]]
 
@@ -169,7 +170,7 @@ def wait_policies(lab: str, rev: int, timeout: float = 20) -> None:
         objs = control_client.call(str(paths.control_socket), "get", kind="Node")["objects"]
         if not all((o.get("status") or {}).get("policyRevision", 0) >= rev for o in objs):
             return False
-        for ns in nodes:
+        for ns in nodes if ztunnels else []:
             code, body = http_get_in_netns(ns, C.PORT_ADMIN, "/config_dump")
             if code != 200 or json.loads(body)["policyRevision"] < rev:
                 return False
