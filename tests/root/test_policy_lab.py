@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -133,13 +132,11 @@ def test_deny_on_a_port_fails_at_connect_without_a_packet(lab, tmp_path):
                 Capture(name + "-node1", "ul0", tmp_path / "ul.pcap") as ul_cap:
             with netns.entered(c1["netns"]):
                 s = socket.socket()
-            t0 = time.perf_counter()
             with pytest.raises(ConnectionRefusedError):
                 s.connect((s2["ip"], 9090))
-            took = time.perf_counter() - t0
             s.close()
         after = node_counters(name, "node1")
-        assert took < 0.005, f"denied connect took {took * 1000:.2f} ms"
+        # refused in the kernel (how fast is for `make bench`, not for a test)
         assert after["policy_out_deny"] == before["policy_out_deny"] + 1
         assert after["connect_redirected"] == before["connect_redirected"]   # no ztunnel hop
         # tcpdump's pcap holds a 24-byte file header and nothing else: not one packet
