@@ -75,6 +75,29 @@ def _policy_step(name: str, c1: dict, s2: dict) -> tuple[str, bool]:
             f"{after}, no packet sent); policy removed again"), outcome == "refused" and after == before + 1
 
 
+def _fast_step(name: str, c1: dict, s1: dict) -> tuple[str, bool]:
+    """client-1 -> server-1 on the same node: spliced in node1's kernel."""
+    from fastpath.loader import NodeDatapath
+    dp = NodeDatapath(labmod.LabPaths(name).pin_name("node1"))
+    before = dp.counters()
+    with netns.entered(c1["netns"]):
+        s = socket.socket()
+    s.settimeout(10)
+    with s:
+        s.connect((s1["ip"], 8080))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: server-1\r\nConnection: close\r\n\r\n")
+        resp = b""
+        while chunk := s.recv(65536):
+            resp += chunk
+    after = dp.counters()
+    d = {k: after[k] - before[k] for k in after}
+    ok = resp.startswith(b"HTTP/1.1 200") and d["connect_fast"] == 1 and d["fast_spliced"] == 2
+    return (f"fastpath  client-1 -> server-1 (both on node1): {resp.split(b' ')[1].decode()}; "
+            f"connect left direct, both sockets spliced (fast_spliced +{d['fast_spliced']}), "
+            f"{d['fast_bytes_redirected']} payload bytes socket to socket, none through the ztunnel "
+            f"(connect_redirected +{d['connect_redirected']})"), ok
+
+
 def main() -> int:
     name = os.environ.get("MESHLANE_LAB", labmod.DEFAULT_LAB)
     try:
@@ -122,6 +145,8 @@ def main() -> int:
               f"{tls_records} start a TLS record; request bytes seen in clear: {'YES' if leaked else 'no'}")
         print(f"identity  client presented {rec.get('src_identity')}; "
               f"server presented {rec.get('dst_identity')} (node2's ztunnel log)")
+        line, spliced = _fast_step(name, c1, pods["server-1"])
+        print(line)
         line, denied = _policy_step(name, c1, s2)
         print(line)
         print(f"lab       still running: `meshlane lab status`, `meshlane zc workloads`, "
@@ -129,7 +154,8 @@ def main() -> int:
               f"tear down with `meshlane lab down`")
         pcap.unlink(missing_ok=True)
         pcap.parent.rmdir()
-        return 0 if (not leaked and only_hbone and answer.get("pod") == "server-2" and denied) else 1
+        return 0 if (not leaked and only_hbone and answer.get("pod") == "server-2" and denied
+                     and spliced) else 1
     except MeshError as exc:
         print(f"meshlane: {exc}", file=sys.stderr)
         return exc.exit_code
