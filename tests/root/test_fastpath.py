@@ -23,6 +23,7 @@ import time
 import pytest
 
 from fastpath import fast
+from fastpath import loader
 from fastpath.loader import NodeDatapath
 from meshcore import bpfsys as libbpf
 from meshcore import constants as C
@@ -331,3 +332,45 @@ pods:
         node = control_client.call(str(labmod.LabPaths(name).control_socket), "get", kind="Node",
                                    name="node1")["objects"][0]
         assert node["status"]["fastpath"] is False
+
+
+def test_unload_with_a_live_spliced_connection_loses_nothing(tmp_path):
+    """The node agent stops and its pins are removed (uninstall) while a spliced
+    connection has unread data queued: the flows are unspliced first, every byte
+    arrives, and the connection carries on over TCP."""
+    topo = tmp_path / "topology.yaml"
+    topo.write_text("""
+nodes: [node1]
+namespaces: {demo: {labels: {"istio.io/dataplane-mode": ambient}}}
+pods:
+  - {name: client-1, node: node1, namespace: demo, serviceAccount: client, app: none}
+  - {name: server-1, node: node1, namespace: demo, serviceAccount: server, app: none}
+""")
+    with running_lab("fpunl", str(topo)) as (name, pods):
+        c1, s1 = pods["client-1"], pods["server-1"]
+        pause = threading.Event()
+        sink = Sink(s1, 9104, pause=pause)
+        first, second = os.urandom(256 << 10), os.urandom(2 << 20)
+        s = dial(c1, s1["ip"], 9104)
+        try:
+            s.sendall(first)
+            time.sleep(0.2)
+            assert [f for f in flows(name) if f.server == (s1["ip"], 9104)][0].spliced
+            state = labmod.load_state(name)
+            labmod.stop_pid(state["pids"]["node-node1"])
+            pin = labmod.LabPaths(name).pin_name("node1")
+            removed = loader.unpin_node(pin)
+            assert removed and not loader.pin_dir(pin).exists()
+            with Capture(c1["netns"], "eth0", tmp_path / "after.pcap") as cap:
+                sender = threading.Thread(target=s.sendall, args=(second,), daemon=True)
+                sender.start()
+                pause.set()
+                sender.join(30)
+                answer = finish(s)
+            assert answer == hashlib.sha256(first + second).hexdigest(), "data lost or reordered"
+            assert sink.result()[0] == len(first) + len(second)
+            # no longer spliced: the rest crossed the veth as TCP
+            assert sum(len(p) for sp, dp, p in pcap_payloads(cap.path) if 9104 in (sp, dp)) > 0
+        finally:
+            pause.set()
+            s.close()
