@@ -1,4 +1,5 @@
-# meshlane: `make demo` builds the lab and shows the mesh; `make test` runs every tier.
+# meshlane: `make demo` builds the lab and shows the mesh; `make test` runs every tier;
+# `make bench` measures (bench/results/; `make bench BENCH_ARGS=--quick` for a smoke run).
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
@@ -24,3 +25,7 @@ check-generated: deps
 
 clean-lab: deps
 	@$(PY) -m meshlane.cli lab down
+
+bench: deps
+	@$(PY) -c "import matplotlib" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) -m bench.run $(BENCH_ARGS)

@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 77
 fi
 
-PKGS="python3-bpfcc python3-venv linux-headers-amd64 libbpf1 iproute2 tcpdump iperf3 curl"
+PKGS="python3-bpfcc python3-venv linux-headers-amd64 libbpf1 iproute2 tcpdump iperf3 curl sockperf gcc libc6-dev"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
