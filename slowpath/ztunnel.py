@@ -41,7 +41,7 @@ from meshcore import constants as C
 from meshcore.errors import MeshError
 from meshcore.identity import SpiffeId
 from slowpath import certs, control_client, tls, zds
-from slowpath.driver import AppSide, HboneLink, HboneRefused, Pipe
+from slowpath.driver import AppSide, HboneLink, HboneRefused, Pipe, tune_allocator
 from slowpath.hbone.authority import format_authority
 from slowpath.hbone import events as ev
 from slowpath.state import Workload, WorkloadStore, uid_of
@@ -619,6 +619,7 @@ class Ztunnel:
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        tune_allocator()   # reuse the data path's large buffers instead of re-faulting them
         await self._serve_admin()
         self.spawn(self.watch_workloads())
         threading.Thread(target=self.zds_thread, name="zds", daemon=True).start()

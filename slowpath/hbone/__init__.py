@@ -3,6 +3,7 @@
     events     what the codec reports (frozen dataclasses) and HboneError
     authority  the `ip:port` / `[v6]:port` destination in `:authority`
     codec      HboneClient / HboneServer over h2: bytes in, events out, bytes to send
+    h2fast     h2's H2Connection with a copy-light data path (used by codec)
     memory     in-memory pipes (plain or TLS via MemoryBIO) for tests, no sockets
 
 Must not: do socket I/O or decide policy; the ztunnel's driver modules do both.

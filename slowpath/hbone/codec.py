@@ -56,6 +56,7 @@ from h2.settings import SettingCodes
 
 from meshcore import constants as C
 from slowpath.hbone import events as ev
+from slowpath.hbone import h2fast
 from slowpath.hbone.authority import parse_authority
 from slowpath.hbone.events import (
     H2_CANCEL,
@@ -124,7 +125,7 @@ class HboneConnection:
             validate_inbound_headers=client_side,
             normalize_inbound_headers=True,
         )
-        self._conn = h2.connection.H2Connection(config=config)
+        self._conn = h2fast.H2Connection(config=config)
         settings = {
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: C.H2_STREAM_WINDOW,
@@ -160,6 +161,12 @@ class HboneConnection:
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call (may be empty)."""
         return self._conn.data_to_send()
+
+    def data_to_send_pieces(self) -> list:
+        """The same bytes as `data_to_send()`, as a list of buffers (bytes, bytearray
+        or memoryview over immutable bytes) to write in order: large DATA payloads are
+        referenced rather than copied into one string."""
+        return self._conn.pieces_to_send()
 
     @property
     def terminated(self) -> bool:
@@ -351,14 +358,22 @@ class HboneConnection:
         peer's MAX_FRAME_SIZE.  Returns how many bytes were taken; keep the rest and
         retry after `WindowOpened`.  Raises `HboneError` if the stream cannot send."""
         self._sendable(stream_id, "send data")
+        # Frames keep a reference to their payload until `data_to_send()`: slices of
+        # immutable bytes can be referenced as they are, anything mutable is copied.
+        immutable = type(data) is bytes or (type(data) is memoryview and type(data.obj) is bytes)
         view = memoryview(data)
+        total = len(view)
         sent = 0
         try:
             window = self._conn.local_flow_control_window(stream_id)
             frame = self._conn.max_outbound_frame_size
-            while sent < len(view) and window > 0:
-                n = min(len(view) - sent, window, frame)
-                self._conn.send_data(stream_id, view[sent:sent + n].tobytes())
+            while sent < total and window > 0:
+                n = min(total - sent, window, frame)
+                if immutable:
+                    chunk = data if n == total else view[sent:sent + n]
+                else:
+                    chunk = view[sent:sent + n].tobytes()
+                self._conn.send_data(stream_id, chunk)
                 sent += n
                 window -= n
         except h2.exceptions.ProtocolError as e:  # includes StreamClosedError
