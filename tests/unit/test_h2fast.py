@@ -8,10 +8,10 @@ import h2.exceptions
 import pytest
 from h2.frame_buffer import FrameBuffer as H2FrameBuffer
 from hyperframe.exceptions import InvalidPaddingError
-from hyperframe.frame import (ContinuationFrame, DataFrame, ExtensionFrame, GoAwayFrame, HeadersFrame,
+from hyperframe.frame import (ContinuationFrame, DataFrame, ExtensionFrame, HeadersFrame,
                               PingFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame)
 
-from slowpath.driver import AppSide, HboneLink, Tunnel
+from slowpath.driver import AppSide, HboneLink
 from slowpath.hbone import events as ev
 from slowpath.hbone.h2fast import FrameBuffer, QuietDataFrame
 from slowpath.hbone.memory import CodecPipe
