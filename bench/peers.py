@@ -251,12 +251,7 @@ class EnvoyRun:
         code, text = self.get("/stats")
         if code != 200:
             raise RuntimeError(f"envoy {self.name}: /stats answered {code}")
-        out: dict[str, int] = {}
-        for line in text.splitlines():
-            key, sep, value = line.rpartition(": ")
-            if sep and value.strip().lstrip("-").isdigit():
-                out[key] = int(value)
-        return out
+        return eh.parse_stats(text)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM our PID, SIGKILL after `timeout`; reap it."""

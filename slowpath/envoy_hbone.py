@@ -593,6 +593,16 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
+def parse_stats(text: str) -> dict[str, int]:
+    """Counters and gauges from the text of Envoy's admin ``/stats`` (histograms left out)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, value = line.rpartition(": ")
+        if sep and value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
 def render_yaml(bootstrap: Mapping[str, Any]) -> str:
     """Stable YAML text of a bootstrap (keys in insertion order, no aliases)."""
     return yaml.dump(dict(bootstrap), Dumper=_Dumper, sort_keys=False, default_flow_style=False)

@@ -33,6 +33,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from slowpath import envoy_hbone as eh
+
 
 def envoy_binary() -> str | None:
     """The venv's envoy (next to the running Python), else one on PATH."""
@@ -214,12 +216,7 @@ class EnvoyProcess:
         status, text = self.http_get("/stats")
         if status != 200:
             raise RuntimeError(f"/stats answered {status}: {text[:200]}")
-        out: dict[str, int] = {}
-        for line in text.splitlines():
-            key, sep, value = line.rpartition(": ")
-            if sep and value.strip().lstrip("-").isdigit():
-                out[key] = int(value)
-        return out
+        return eh.parse_stats(text)
 
     def wait_stat(
         self, name: str, predicate: Any = lambda v: v > 0, timeout: float = 5.0

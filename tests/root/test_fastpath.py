@@ -294,24 +294,17 @@ def test_detach_with_unread_spliced_data_loses_nothing(lab, tmp_path):
         assert res.returncode == 0, res.stderr
 
 
-def test_opted_out_pod_goes_through_the_ztunnel(lab):
+@pytest.mark.parametrize("dst", ["splice-1", "server-2"], ids=["opted-out pod", "cross node"])
+def test_through_the_ztunnel_when_not_eligible(lab, dst):
+    """splice-1 is annotated meshlane.io/fastpath: "false"; server-2 is on another node."""
     name, pods = lab
-    c1, sp = pods["client-1"], pods["splice-1"]
+    c1, d = pods["client-1"], pods[dst]
     before = node_counters(name, "node1")
-    code, body = labmod.http_get_in_netns(c1["netns"], 8080, "/", ip=sp["ip"])
-    assert code == 200 and json.loads(body)["pod"] == "splice-1"
-    d = delta(node_counters(name, "node1"), before)
-    assert d["connect_fast"] == 0 and d["connect_redirected"] == 1 and d["fast_spliced"] == 0, d
-
-
-def test_cross_node_never_takes_the_fast_path(lab):
-    name, pods = lab
-    c1, s2 = pods["client-1"], pods["server-2"]
-    before = node_counters(name, "node1")
-    code, body = labmod.http_get_in_netns(c1["netns"], 8080, "/", ip=s2["ip"])
-    assert code == 200 and json.loads(body)["pod"] == "server-2"
-    d = delta(node_counters(name, "node1"), before)
-    assert d["connect_fast"] == 0 and d["connect_redirected"] == 1, d
+    code, body = labmod.http_get_in_netns(c1["netns"], 8080, "/", ip=d["ip"])
+    assert code == 200 and json.loads(body)["pod"] == dst
+    moved = delta(node_counters(name, "node1"), before)
+    assert moved["connect_fast"] == 0 and moved["connect_redirected"] == 1, moved
+    assert moved["fast_spliced"] == 0, moved
 
 
 def test_node_switch_turns_the_fast_path_off(tmp_path):
