@@ -16,6 +16,17 @@
 
 #define MESH_TCP_CLOSE 7   /* BPF_TCP_CLOSE */
 
+/* The socket's own 4-tuple, as mesh_fast and mesh_fast_sk key it. */
+static __always_inline struct mesh_fast_key mesh_sockops_key(struct bpf_sock_ops *skops)
+{
+	struct mesh_fast_key key = {};
+	key.local_ip = skops->local_ip4;
+	key.remote_ip = skops->remote_ip4;
+	key.local_port = (__u16)skops->local_port;                 /* host order */
+	key.remote_port = (__u16)bpf_ntohl(skops->remote_port);   /* be16 in the upper half */
+	return key;
+}
+
 static __always_inline void mesh_sockops_connect(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = mesh_socket_cookie(skops);
@@ -32,11 +43,7 @@ static __always_inline void mesh_sockops_connect(struct bpf_sock_ops *skops)
 	__u32 *rule = mesh_sk_fast.lookup(&cookie);
 	if (!rule)
 		return;
-	struct mesh_fast_key key = {};
-	key.local_ip = skops->local_ip4;
-	key.remote_ip = skops->remote_ip4;
-	key.local_port = (__u16)skops->local_port;
-	key.remote_port = (__u16)bpf_ntohl(skops->remote_port);   /* be16 in the upper half */
+	struct mesh_fast_key key = mesh_sockops_key(skops);
 	struct mesh_fast_flow flow = {};
 	flow.rule = *rule;
 	__u64 netns = bpf_get_netns_cookie(skops);
@@ -51,11 +58,7 @@ static __always_inline void mesh_sockops_connect(struct bpf_sock_ops *skops)
 
 static __always_inline void mesh_sockops_established(struct bpf_sock_ops *skops, int client)
 {
-	struct mesh_fast_key own = {};
-	own.local_ip = skops->local_ip4;
-	own.remote_ip = skops->remote_ip4;
-	own.local_port = (__u16)skops->local_port;
-	own.remote_port = (__u16)bpf_ntohl(skops->remote_port);
+	struct mesh_fast_key own = mesh_sockops_key(skops);
 	struct mesh_fast_flow *flow = client
 		? mesh_fast_flow_of(own.local_ip, own.remote_ip, own.local_port, own.remote_port)
 		: mesh_fast_flow_of(own.remote_ip, own.local_ip, own.remote_port, own.local_port);
@@ -76,11 +79,7 @@ static __always_inline void mesh_sockops_established(struct bpf_sock_ops *skops,
 
 static __always_inline void mesh_sockops_closed(struct bpf_sock_ops *skops)
 {
-	struct mesh_fast_key key = {};
-	key.local_ip = skops->local_ip4;
-	key.remote_ip = skops->remote_ip4;
-	key.local_port = (__u16)skops->local_port;
-	key.remote_port = (__u16)bpf_ntohl(skops->remote_port);
+	struct mesh_fast_key key = mesh_sockops_key(skops);
 	if (mesh_fast.delete(&key) == 0)
 		return;
 	/* the server end: its flow is keyed by the client's 4-tuple */
