@@ -129,15 +129,20 @@ class Ztunnel:
         self.recent.append(fields)
         access.info(json.dumps(fields, sort_keys=True))
 
-    def opened(self, on_close, **desc):
-        """List a connection as open until `on_close` runs (admin /connections)."""
+    def opened(self, desc: dict, started: float, *, inbound: bool = False):
+        """List a connection as open (admin /connections) and return its close callback,
+        which takes the byte counts (a, b) of the Pipe or tunnel, forgets it and writes its
+        access record: `desc` plus bytes and duration.  Inbound, a is what the peer sent
+        us (bytes_received) and b what went back."""
         self._serial += 1
         serial = self._serial
         self.open[serial] = dict(desc, since=datetime.now(timezone.utc).isoformat())
 
-        def closed(*a):
+        def closed(a: int, b: int) -> None:
             self.open.pop(serial, None)
-            on_close(*a)
+            sent, received = (b, a) if inbound else (a, b)
+            self.record(**desc, bytes_sent=sent, bytes_received=received,
+                        duration_ms=round((time.monotonic() - started) * 1000, 2))
         return closed
 
     # --- pods ---------------------------------------------------------------------------
@@ -285,12 +290,9 @@ class Ztunnel:
         s = await self._dial_from(pod, dst)
         _, up = await self.loop.create_connection(AppSide, sock=s)
         started = time.monotonic()
-        Pipe(app, up, on_close=self.opened(lambda a, b: self.record(
+        Pipe(app, up, on_close=self.opened(dict(
             direction="outbound", protocol="PASSTHROUGH", src=pod.uid, src_identity=pod.spiffe.uri,
-            dst=f"{dst[0]}:{dst[1]}", bytes_sent=a, bytes_received=b,
-            duration_ms=round((time.monotonic() - started) * 1000, 2)),
-            direction="outbound", protocol="PASSTHROUGH", src=pod.uid, src_identity=pod.spiffe.uri,
-            dst=f"{dst[0]}:{dst[1]}"))
+            dst=f"{dst[0]}:{dst[1]}"), started))
 
     async def _link_for(self, pod: LocalPod, target: Workload) -> HboneLink:
         key = (pod.spiffe.uri, target.spiffe.uri, str(target.ip), pod.ip)
@@ -354,12 +356,9 @@ class Ztunnel:
                         error="CONNECT")
             app.transport.abort()
             return
-        link.bind(sid, app, on_close=self.opened(lambda sent, recv: self.record(
+        link.bind(sid, app, on_close=self.opened(dict(
             direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
-            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200, bytes_sent=sent,
-            bytes_received=recv, duration_ms=round((time.monotonic() - started) * 1000, 2)),
-            direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
-            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri))
+            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200), started))
 
     # --- authorization ----------------------------------------------------------------------
     def authorize(self, pod: LocalPod, conn: authz.Conn) -> authz.Decision:
@@ -440,12 +439,9 @@ class Ztunnel:
                         reason=str(exc))
             app.transport.abort()
             return
-        Pipe(app, up, on_close=self.opened(self._track(pod, conn, up, lambda a, b: self.record(
+        Pipe(app, up, on_close=self._track(pod, conn, up, self.opened(dict(
             direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
-            dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, bytes_received=a, bytes_sent=b,
-            duration_ms=round((time.monotonic() - started) * 1000, 2))),
-            direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
-            dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid))
+            dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid), started, inbound=True)))
 
     def _hbone_factory(self, pod: LocalPod):
         def factory():
@@ -484,9 +480,8 @@ class Ztunnel:
             return
         link.codec.accept(e.stream_id)
         link.flush()
-        link.bind(e.stream_id, up, on_close=self.opened(self._track(pod, conn, up, lambda sent, recv: self.record(
-            **common, status=200, bytes_sent=recv, bytes_received=sent,
-            duration_ms=round((time.monotonic() - started) * 1000, 2))), **common))
+        link.bind(e.stream_id, up, on_close=self._track(pod, conn, up, self.opened(
+            dict(common, status=200), started, inbound=True)))
 
     # --- control plane watch -------------------------------------------------------------
     async def watch_workloads(self) -> None:
