@@ -15,8 +15,10 @@ Must not: decide policy (the node agent compares flows with the compiled verdict
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshcore import abi
 from meshcore import bpfsys as libbpf
@@ -70,6 +72,15 @@ def read_flows(fd: int) -> list[Flow]:
                         client_in=bool(v.client_in), server_in=bool(v.server_in),
                         dirs=(v.dir[0], v.dir[1]), bytes=(v.bytes[0], v.bytes[1])))
     return out
+
+
+def read_pinned(maps_dir: Path) -> list[Flow]:
+    """The flows of a node, from its pinned mesh_fast (for readers outside the agent)."""
+    fd = libbpf.obj_get(str(maps_dir / C.MAP_FAST))
+    try:
+        return read_flows(fd)
+    finally:
+        os.close(fd)
 
 
 def unsplice(fd: int, flow: Flow) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 from meshcore import constants as C
 from meshcore.errors import ConfigError, NeedsRootError
 from fastpath import abi
+from fastpath import fast
 from meshcore import bpfsys as libbpf
 
 BPF_SRC = abi.REPO_BPF_DIR / "meshlane.c"
@@ -241,7 +242,6 @@ def unpin_node(node: str) -> list[str]:
     fast_pin = root / "maps" / C.MAP_FAST
     if fast_pin.exists():
         # unsplice first: the sockhash outlives its pin while spliced sockets hold it
-        from fastpath import fast
         fd = libbpf.obj_get(str(fast_pin))
         try:
             fast.unsplice_all(fd)

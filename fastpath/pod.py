@@ -31,6 +31,7 @@ from meshcore import netns
 from meshcore.errors import NotFoundError
 from fastpath import abi
 from fastpath import fast
+from fastpath import policy as fpolicy
 from meshcore import bpfsys as libbpf
 from fastpath.loader import NodeDatapath
 
@@ -189,13 +190,12 @@ def _unsplice_pod(dp: NodeDatapath, pdir: Path) -> None:
         info = abi.PodInfo()
         if not libbpf.map_lookup(dp.map_fds[C.MAP_PODS], ctypes.c_uint64(int(entry.name)), info):
             continue
+        ip = str(abi.be32_to_ip(info.ip))
         out_fd = dp.map_fds[C.MAP_POL_OUT]
-        for k in list(libbpf.map_keys(out_fd, abi.PolOutKey)):
-            v = abi.Verdict()
-            if (libbpf.map_lookup(out_fd, k, v) and v.action == C.VERDICT_FAST
-                    and (k.src_pod == info.pod_id or k.dst_ip == info.ip)):
-                libbpf.map_delete(out_fd, k)
-        fast.unsplice_ip(dp.map_fds[C.MAP_FAST], str(abi.be32_to_ip(info.ip)))
+        for k, (action, _) in fpolicy.read_out(out_fd).items():
+            if action == C.VERDICT_FAST and (k[0] == info.pod_id or k[1] == ip):
+                libbpf.map_delete(out_fd, fpolicy.out_key(k))
+        fast.unsplice_ip(dp.map_fds[C.MAP_FAST], ip)
 
 
 def attached_keys(dp: NodeDatapath) -> list[str]:

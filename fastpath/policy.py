@@ -182,7 +182,7 @@ def compile_in(policies: list[Policy], local: Iterable[LocalPod]) -> dict[InKey,
 
 # --- kernel maps ---------------------------------------------------------------------------
 
-def _out_key(k: OutKey) -> abi.PolOutKey:
+def out_key(k: OutKey) -> abi.PolOutKey:
     return abi.PolOutKey(src_pod=k[0], dst_ip=abi.ip_to_be32(k[1]), dst_port=k[2])
 
 
@@ -227,7 +227,7 @@ def sync(out_fd: int, in_fd: int, want_out: dict[OutKey, Entry],
     written before stale ones are removed, so a key never passes through "no entry"
     (which would mean "no policy") on its way from one verdict to another."""
     st = SyncStats()
-    for fd, want, have, mk in ((out_fd, want_out, read_out(out_fd), _out_key),
+    for fd, want, have, mk in ((out_fd, want_out, read_out(out_fd), out_key),
                                (in_fd, want_in, read_in(in_fd), _in_key)):
         for k, e in want.items():
             if have.get(k) != e:

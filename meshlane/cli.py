@@ -532,15 +532,9 @@ def _fast_connections(lab: str, node_name: str) -> list[dict]:
     """The node's same-node fast-path flows, read from its pinned mesh_fast map."""
     from fastpath import fast
     from fastpath.loader import NodeDatapath
-    from meshcore import bpfsys as libbpf
     from meshlane import lab as labmod
     _need_root("reading BPF maps")
-    dp = NodeDatapath(labmod.LabPaths(lab).pin_name(node_name))
-    fd = libbpf.obj_get(str(dp.maps_dir / C.MAP_FAST))
-    try:
-        flows = fast.read_flows(fd)
-    finally:
-        os.close(fd)
+    flows = fast.read_pinned(NodeDatapath(labmod.LabPaths(lab).pin_name(node_name)).maps_dir)
     ident = {w["ip"]: w for w in _zt_dump(lab, node_name)["workloads"]}
     rows = []
     for f in flows:

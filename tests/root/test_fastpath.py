@@ -25,7 +25,6 @@ import pytest
 from fastpath import fast
 from fastpath import loader
 from fastpath.loader import NodeDatapath
-from meshcore import bpfsys as libbpf
 from meshcore import constants as C
 from meshcore import netns
 from meshlane import lab as labmod
@@ -120,11 +119,7 @@ def finish(s: socket.socket) -> str:
 
 
 def flows(lab: str, node: str = "node1") -> list[fast.Flow]:
-    fd = libbpf.obj_get(str(NodeDatapath(labmod.LabPaths(lab).pin_name(node)).maps_dir / C.MAP_FAST))
-    try:
-        return fast.read_flows(fd)
-    finally:
-        os.close(fd)
+    return fast.read_pinned(NodeDatapath(labmod.LabPaths(lab).pin_name(node)).maps_dir)
 
 
 def cli(lab: str, *args: str) -> subprocess.CompletedProcess:
