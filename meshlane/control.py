@@ -16,10 +16,10 @@ import logging
 import os
 import secrets
 import sqlite3
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from meshcore import authz
+from meshcore import authz, l7, l7parse
 from meshcore import constants as C
 from meshcore.errors import BadInputError, MeshError, NotFoundError
 from meshcore.identity import SpiffeId
@@ -29,7 +29,9 @@ from slowpath.control_client import MAX_LINE
 log = logging.getLogger("meshlane.control")
 
 CLUSTER_SCOPED = {"Namespace", "Node"}
-KNOWN_KINDS = {"Namespace", "Node", "Pod", "AuthorizationPolicy"}
+L7_KINDS = ("Service", "Gateway", "HTTPRoute", "DestinationRule")
+KNOWN_KINDS = {"Namespace", "Node", "Pod", "AuthorizationPolicy", *L7_KINDS}
+APPLIED_KINDS = (authz.KIND, "Namespace", *L7_KINDS)
 
 
 def key_of(obj: dict) -> tuple[str, str, str]:
@@ -106,7 +108,8 @@ class Store:
 def _same(old: dict, new: dict) -> bool:
     """Whether applying `new` over `old` changes nothing a user wrote."""
     def strip(o: dict) -> dict:
-        meta = {k: v for k, v in (o.get("metadata") or {}).items() if k != "resourceVersion"}
+        meta = {k: v for k, v in (o.get("metadata") or {}).items()
+                if k not in ("resourceVersion", "creationTimestamp")}
         return {**{k: v for k, v in o.items() if k != "status"}, "metadata": meta}
     return strip(old) == strip(new)
 
@@ -141,7 +144,14 @@ class ControlPlane:
         """Server-side validation of one applied object -> (object to store, warnings)."""
         if isinstance(obj, dict) and obj.get("kind") == authz.KIND:
             parsed = authz.parse(obj, src=src, prefix=prefix)
-            return parsed.object, parsed.warnings
+            warnings = parsed.warnings
+            spec = parsed.object.get("spec") or {}
+            if spec.get("targetRef") or spec.get("targetRefs"):
+                # for waypoints: the L4 warnings say "ignored at L4"; these say what L7 does
+                warnings = l7parse.check_l7_policy(parsed.object, src=src, prefix=prefix)
+            return parsed.object, warnings
+        if isinstance(obj, dict) and obj.get("kind") in L7_KINDS:
+            return l7parse.validate(obj, src=src, prefix=prefix)
         if isinstance(obj, dict) and obj.get("kind") == "Namespace":
             meta = obj.get("metadata")
             if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
@@ -158,7 +168,7 @@ class ControlPlane:
                                 f"(a Kubernetes object), got {type(obj).__name__}")
         kind = obj.get("kind")
         raise BadInputError(f"{src}: {prefix}kind: {kind!r} cannot be applied "
-                            f"(meshlane applies {authz.KIND} and Namespace)")
+                            f"(meshlane applies {', '.join(APPLIED_KINDS)})")
 
     def op_apply(self, objects: list, src: str = "<input>", dry_run: bool = False) -> dict:
         """Validate every object first, then store them all in one transaction: a bad
@@ -174,6 +184,10 @@ class ControlPlane:
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise BadInputError(f"{src}: {dup[0]} {dup[1]}/{dup[2]} appears twice")
+        checked = self._server_fields(checked, keys, src)
+        world = {key_of(o): o for o in self.store.list()}
+        world.update(zip(keys, checked))
+        warnings += l7parse.check_refs(checked, list(world.values()), src=src)
         if dry_run:
             return {"results": [], "warnings": warnings, "rev": self.store.rev}
         results, stored = [], []
@@ -201,6 +215,49 @@ class ControlPlane:
         for obj in stored:
             self._notify("put", obj)
         return {"results": results, "warnings": warnings, "rev": self.store.rev}
+
+    def _server_fields(self, objs: list[dict], keys: list[tuple], src: str) -> list[dict]:
+        """Fields the server owns: creationTimestamp (kept across updates; routes tie-break
+        on it) and a Service's VIP (allocated from l7.SERVICE_CIDR unless given, and
+        immutable once set, as Kubernetes' clusterIP)."""
+        taken = {}
+        for o in self.store.list("Service"):
+            ip = (o.get("spec") or {}).get("clusterIP")
+            if ip:
+                taken[ip] = key_of(o)
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        out = []
+        for obj, key in zip(objs, keys):
+            old = self.store.get(*key)
+            meta = dict(obj["metadata"])
+            meta["creationTimestamp"] = (old or {}).get("metadata", {}).get("creationTimestamp", now)
+            obj = {**obj, "metadata": meta}
+            if key[0] == "Service":
+                spec = dict(obj["spec"])
+                had = ((old or {}).get("spec") or {}).get("clusterIP")
+                want = spec.get("clusterIP")
+                where = f"{src}: Service {key[1]}/{key[2]}: spec.clusterIP"
+                if had and want and want != had:
+                    raise BadInputError(f"{where}: field is immutable (it is {had})",
+                                        hint="delete the Service first to change its VIP")
+                ip = want or had or self._free_vip(taken)
+                if taken.get(ip, key) != key:
+                    owner = taken[ip]
+                    raise BadInputError(f"{where}: {ip} is already the VIP of Service {owner[1]}/{owner[2]}")
+                taken[ip] = key
+                spec["clusterIP"] = ip
+                obj["spec"] = spec
+            out.append(obj)
+        return out
+
+    @staticmethod
+    def _free_vip(taken: dict) -> str:
+        for ip in l7.SERVICE_CIDR.hosts():
+            if int(ip) - int(l7.SERVICE_CIDR.network_address) < 10:
+                continue   # .0.1-.0.9 stay free, as Kubernetes keeps the first for the API
+            if str(ip) not in taken:
+                return str(ip)
+        raise BadInputError(f"no free Service VIP left in {l7.SERVICE_CIDR}")
 
     def op_delete_objects(self, objects: list, ignore_not_found: bool = False) -> dict:
         """Delete several objects (as `delete -f`): all exist, or nothing is deleted."""

@@ -15,8 +15,14 @@ from meshcore.errors import BadInputError, NotFoundError
 # what `get` accepts, kubectl style -> stored kind
 KIND_NAMES = {"authorizationpolicies": "AuthorizationPolicy", "authorizationpolicy": "AuthorizationPolicy",
               "ap": "AuthorizationPolicy", "namespaces": "Namespace", "namespace": "Namespace",
-              "ns": "Namespace", "pods": "Pod", "pod": "Pod"}
-API_GROUPS = {"AuthorizationPolicy": "security.istio.io", "Namespace": "", "Pod": ""}
+              "ns": "Namespace", "pods": "Pod", "pod": "Pod",
+              "services": "Service", "service": "Service", "svc": "Service",
+              "gateways": "Gateway", "gateway": "Gateway", "gtw": "Gateway",
+              "httproutes": "HTTPRoute", "httproute": "HTTPRoute",
+              "destinationrules": "DestinationRule", "destinationrule": "DestinationRule", "dr": "DestinationRule"}
+API_GROUPS = {"AuthorizationPolicy": "security.istio.io", "Namespace": "", "Pod": "", "Service": "",
+              "Gateway": "gateway.networking.k8s.io", "HTTPRoute": "gateway.networking.k8s.io",
+              "DestinationRule": "networking.istio.io"}
 
 
 def read_docs(path: str) -> tuple[str, list]:

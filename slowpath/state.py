@@ -1,16 +1,22 @@
 """Workload state as the ztunnel knows it (ztunnel's state.rs role).
 
 Owns the map from pod IP to workload (name, namespace, service account, node, whether it
-is enrolled and so speaks HBONE), fed by the control plane's watch of Pods.  Pure data:
-no sockets, no policy.
+is enrolled and so speaks HBONE), fed by the control plane's watch of Pods; and the L7
+view it needs to pick a destination: Services by VIP (with their endpoints), namespace
+labels, waypoints and their pods.  Pure data: no sockets, no policy.
 """
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass
 
 from meshcore import constants as C
+from meshcore import l7, l7parse
+from meshcore.errors import MeshError
 from meshcore.identity import SpiffeId
+
+log = logging.getLogger("meshlane.state")
 
 
 def uid_of(obj: dict) -> str:
@@ -29,6 +35,7 @@ class Workload:
     enrolled: bool
     trust_domain: str = C.DEFAULT_TRUST_DOMAIN
     labels: tuple[tuple[str, str], ...] = ()
+    waypoint: bool = False      # a waypoint's pod (its Envoy speaks HBONE itself)
 
     @property
     def uid(self) -> str:
@@ -41,7 +48,7 @@ class Workload:
 
     @property
     def protocol(self) -> str:
-        return "HBONE" if self.enrolled else "TCP"
+        return "HBONE" if self.enrolled or self.waypoint else "TCP"
 
     def to_json(self) -> dict:
         return {"name": self.name, "namespace": self.namespace, "serviceAccount": self.service_account,
@@ -59,7 +66,8 @@ class Workload:
                    service_account=spec.get("serviceAccountName", "default"),
                    node=spec.get("nodeName", ""), ip=ipaddress.IPv4Address(ip),
                    enrolled=bool(status.get("enrolled")), trust_domain=trust_domain,
-                   labels=tuple(sorted((meta.get("labels") or {}).items())))
+                   labels=tuple(sorted((meta.get("labels") or {}).items())),
+                   waypoint=bool(status.get("waypoint")))
 
 
 class WorkloadStore:
@@ -94,3 +102,71 @@ class WorkloadStore:
             return self.by_ip.get(ipaddress.IPv4Address(str(ip)))
         except ValueError:
             return None
+
+    def endpoints(self, svc: l7.Service) -> list[Workload]:
+        """The pods a Service selects (waypoint pods never), in a stable order."""
+        return sorted((w for w in self.by_uid.values()
+                       if not w.waypoint and svc.selects(w.namespace, dict(w.labels))),
+                      key=lambda w: w.uid)
+
+    def waypoint_pod(self, wp: l7.Waypoint) -> Workload | None:
+        for w in self.by_uid.values():
+            if w.waypoint and w.namespace == wp.namespace and \
+                    dict(w.labels).get(l7.LABEL_GATEWAY_NAME) == wp.name:
+                return w
+        return None
+
+
+class ServiceStore:
+    """Services (by VIP), waypoints and namespace labels from the control plane."""
+
+    def __init__(self):
+        self.services: dict[str, l7.Service] = {}
+        self.by_vip: dict[ipaddress.IPv4Address, l7.Service] = {}
+        self.waypoints: dict[str, l7.Waypoint] = {}
+        self.ns_labels: dict[str, dict] = {}
+
+    def replace_all(self, objs: list[dict]) -> None:
+        self.services.clear()
+        self.by_vip.clear()
+        self.waypoints.clear()
+        self.ns_labels.clear()
+        for o in objs:
+            self.put(o)
+
+    def put(self, obj: dict) -> None:
+        kind, meta = obj.get("kind"), obj["metadata"]
+        if kind == "Namespace":
+            self.ns_labels[meta["name"]] = dict(meta.get("labels") or {})
+            return
+        self.delete(obj)
+        try:
+            if kind == "Service":
+                svc = l7parse.service_of(obj)
+                self.services[svc.key] = svc
+                self.by_vip[svc.vip] = svc
+            elif kind == "Gateway":
+                wp = l7parse.waypoint_of(obj)
+                self.waypoints[wp.key] = wp
+        except MeshError as exc:   # validated at apply; an old or foreign object: skip it
+            log.warning("ignoring %s %s: %s", kind, uid_of(obj), exc)
+
+    def delete(self, obj: dict) -> None:
+        kind, key = obj.get("kind"), (uid_of(obj) if obj.get("kind") != "Namespace" else None)
+        if kind == "Namespace":
+            self.ns_labels.pop(obj["metadata"]["name"], None)
+        elif kind == "Service":
+            old = self.services.pop(key, None)
+            if old is not None and self.by_vip.get(old.vip) is old:
+                del self.by_vip[old.vip]
+        elif kind == "Gateway":
+            self.waypoints.pop(key, None)
+
+    def at(self, ip) -> l7.Service | None:
+        try:
+            return self.by_vip.get(ipaddress.IPv4Address(str(ip)))
+        except ValueError:
+            return None
+
+    def waypoint_for(self, svc: l7.Service) -> l7.Waypoint | None:
+        return l7.waypoint_for_service(svc, self.ns_labels.get(svc.namespace, {}), self.waypoints)

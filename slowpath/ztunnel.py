@@ -5,10 +5,12 @@ listeners inside the pod's netns on 127.0.0.1:15001 (outbound, redirected by con
 0.0.0.0:15006 (plaintext inbound) and 0.0.0.0:15008 (HBONE), the pod's workload
 certificate (CSR to the control plane, renewed at half-life), and the connections:
 
-  outbound  original destination from mesh_orig_dst -> enrolled workload: HBONE
-            CONNECT to <dst ip>:15008 from a socket in the source pod (mark 0x539),
-            pooled per (src identity, dst identity, dst, src ip); otherwise plain TCP
-            passthrough from the pod.
+  outbound  original destination from mesh_orig_dst.  A Service VIP: through the
+            Service's waypoint if it uses one (HBONE to the waypoint pod, :authority
+            VIP:port), else to one of its endpoints picked at random (port -> targetPort).
+            Enrolled workload: HBONE CONNECT to <dst ip>:15008 from a socket in the
+            source pod (mark 0x539), pooled per (src identity, dst identity, dst, src
+            ip); otherwise plain TCP passthrough from the pod.
   inbound   15008: mTLS, CONNECT -> L4 authorization on the peer certificate's identity
             -> transparent connect to the app (source = the client's pod IP) -> 200, or
             400/401/503; 15006: plaintext, authorized as a peer without identity, then
@@ -27,6 +29,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -44,9 +47,10 @@ from slowpath import certs, control_client, tls, zds
 from slowpath.driver import AppSide, HboneLink, HboneRefused, Pipe, tune_allocator
 from slowpath.hbone.authority import format_authority
 from slowpath.hbone import events as ev
-from slowpath.state import Workload, WorkloadStore, uid_of
+from slowpath.state import ServiceStore, Workload, WorkloadStore, uid_of
 
 log = logging.getLogger("meshlane.ztunnel")
+L7_KINDS = ("Service", "Gateway", "Namespace")   # what picks a Service's endpoint or waypoint
 access = logging.getLogger("meshlane.access")
 
 IP_TRANSPARENT = 19
@@ -81,6 +85,7 @@ class Ztunnel:
         self.node_netns = node_netns
         self.trust_domain = trust_domain
         self.workloads = WorkloadStore(trust_domain)
+        self.services = ServiceStore()
         self.policy_objs: dict[str, dict] = {}
         self.policies: list[authz.Policy] = []
         self.policy_rev = 0
@@ -274,8 +279,12 @@ class Ztunnel:
                         pod.uid, peer[1])
             app.transport.abort()
             return
-        target = self.workloads.find(dst[0])
         try:
+            svc = self.services.at(dst[0])
+            if svc is not None:
+                await self._to_service(pod, app, peer[1], dst, svc)
+                return
+            target = self.workloads.find(dst[0])
             if target is not None and target.enrolled:
                 await self._hbone_out(pod, app, peer[1], dst, target)
             else:
@@ -286,13 +295,45 @@ class Ztunnel:
             if app.transport and not app.lost:
                 app.transport.abort()
 
-    async def _passthrough(self, pod: LocalPod, app: AppSide, dst: tuple[str, int]) -> None:
+    async def _to_service(self, pod: LocalPod, app: AppSide, client_port: int,
+                          dst: tuple[str, int], svc) -> None:
+        """A connection to a Service VIP: to its waypoint (which load balances and applies
+        L7 policy), else straight to a random endpoint.  Fails closed (the app sees a
+        reset) when the port is not the Service's, the waypoint has no pod yet, or there
+        is no endpoint."""
+        def refuse(reason: str) -> None:
+            self.record(direction="outbound", src=pod.uid, src_identity=pod.spiffe.uri,
+                        dst=f"{dst[0]}:{dst[1]}", service=svc.key, error="NO_ROUTE", reason=reason)
+            app.transport.abort()
+        sp = svc.port(dst[1])
+        if sp is None:
+            return refuse(f"Service {svc.key} has no port {dst[1]}")
+        wp = self.services.waypoint_for(svc)
+        if wp is not None:
+            wpod = self.workloads.waypoint_pod(wp)
+            if wpod is None:
+                return refuse(f"waypoint {wp.key} of Service {svc.key} has no running pod")
+            await self._hbone_out(pod, app, client_port, dst, wpod,
+                                  extra={"service": svc.key, "waypoint": wp.key})
+            return
+        eps = self.workloads.endpoints(svc)
+        if not eps:
+            return refuse(f"Service {svc.key} has no endpoints")
+        ep = random.choice(eps)
+        ep_dst = (str(ep.ip), sp.target_port)
+        if ep.enrolled:
+            await self._hbone_out(pod, app, client_port, ep_dst, ep, extra={"service": svc.key})
+        else:
+            await self._passthrough(pod, app, ep_dst, extra={"service": svc.key})
+
+    async def _passthrough(self, pod: LocalPod, app: AppSide, dst: tuple[str, int], *,
+                           extra: dict | None = None) -> None:
         s = await self._dial_from(pod, dst)
         _, up = await self.loop.create_connection(AppSide, sock=s)
         started = time.monotonic()
         Pipe(app, up, on_close=self.opened(dict(
             direction="outbound", protocol="PASSTHROUGH", src=pod.uid, src_identity=pod.spiffe.uri,
-            dst=f"{dst[0]}:{dst[1]}"), started))
+            dst=f"{dst[0]}:{dst[1]}", **(extra or {})), started))
 
     async def _link_for(self, pod: LocalPod, target: Workload) -> HboneLink:
         key = (pod.spiffe.uri, target.spiffe.uri, str(target.ip), pod.ip)
@@ -339,7 +380,9 @@ class Ztunnel:
             link.close()
 
     async def _hbone_out(self, pod: LocalPod, app: AppSide, client_port: int,
-                         dst: tuple[str, int], target: Workload) -> None:
+                         dst: tuple[str, int], target: Workload, *, extra: dict | None = None) -> None:
+        """One HBONE stream to `target` (its 15008) asking for `dst` (the :authority):
+        the workload itself, or a waypoint asked for a Service VIP."""
         link = await self._link_for(pod, target)
         headers = [
             ("forwarded", f'for="{pod.ip}:{client_port}"'),
@@ -353,12 +396,13 @@ class Ztunnel:
         except HboneRefused as exc:
             self.record(direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
                         dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=exc.status,
-                        error="CONNECT")
+                        error="CONNECT", **(extra or {}))
             app.transport.abort()
             return
         link.bind(sid, app, on_close=self.opened(dict(
             direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
-            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200), started))
+            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200, **(extra or {})),
+            started))
 
     # --- authorization ----------------------------------------------------------------------
     def authorize(self, pod: LocalPod, conn: authz.Conn) -> authz.Decision:
@@ -487,15 +531,18 @@ class Ztunnel:
     async def watch_workloads(self) -> None:
         while not self.stopping:
             try:
-                async for msg in control_client.watch(self.control_socket, ["Pod", authz.KIND]):
+                async for msg in control_client.watch(self.control_socket, ["Pod", authz.KIND, *L7_KINDS]):
                     rev = msg.get("rev", self.policy_rev)
                     if msg["event"] == "snapshot":
                         self.workloads.replace_all([o for o in msg["objects"] if o["kind"] == "Pod"])
+                        self.services.replace_all([o for o in msg["objects"] if o["kind"] in L7_KINDS])
                         self.set_policies({uid_of(o): o for o in msg["objects"] if o["kind"] == authz.KIND}, rev)
                         self.policy_synced = True
                         continue
                     o = msg["object"]
-                    if o["kind"] == authz.KIND:
+                    if o["kind"] in L7_KINDS:
+                        (self.services.put if msg["event"] == "put" else self.services.delete)(o)
+                    elif o["kind"] == authz.KIND:
                         objs = dict(self.policy_objs)
                         if msg["event"] == "delete":
                             objs.pop(uid_of(o), None)
@@ -569,7 +616,15 @@ class Ztunnel:
                      for k, v in self.pool.items() if v],
             "policyRevision": self.policy_rev,
             "policies": [p.to_json() for p in sorted(self.policies, key=lambda p: p.key)],
+            "services": [self._service_json(s) for _, s in sorted(self.services.services.items())],
         }
+
+    def _service_json(self, svc) -> dict:
+        wp = self.services.waypoint_for(svc)
+        return {"name": svc.name, "namespace": svc.namespace, "vip": str(svc.vip),
+                "ports": [{"port": p.port, "targetPort": p.target_port} for p in svc.ports],
+                "endpoints": [w.uid for w in self.workloads.endpoints(svc)],
+                "waypoint": wp.key if wp else None}
 
     def ready(self) -> bool:
         return self.zds_synced and self.workloads.synced and self.policy_synced
