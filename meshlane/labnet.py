@@ -12,6 +12,7 @@ Only addresses inside these namespaces are used.  Everything is created with ipr
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshcore.errors import MeshError
@@ -138,3 +139,85 @@ def teardown(lab: str, names: list[str]) -> list[str]:
             ip("netns", "del", ns, check=False)
             removed.append(ns)
     return removed
+
+
+# --- extra pods added while the lab runs (waypoints) -------------------------------------
+# The topology numbers its pods .10-.249 of each node's pod CIDR; .250-.254 are kept for
+# pods the lab adds at run time (a waypoint's Envoy), with host veths `vw<last octet>`.
+EXTRA_POD_OCTETS = range(250, 255)
+
+
+def netns_addresses(ns: str) -> set[str]:
+    """Every IPv4 address configured inside netns `ns` (empty if it is gone)."""
+    res = ip("-n", ns, "-4", "-o", "addr", "show", check=False)
+    out = set()
+    for line in res.stdout.splitlines():
+        words = line.split()
+        if "inet" in words:
+            out.add(words[words.index("inet") + 1].split("/")[0])
+    return out
+
+
+def netns_links(ns: str) -> set[str]:
+    """Interface names inside netns `ns` (without the `@peer` suffix)."""
+    res = ip("-n", ns, "-o", "link", "show", check=False)
+    return {line.split(":")[1].strip().split("@")[0] for line in res.stdout.splitlines()
+            if line.count(":") >= 2}
+
+
+def free_extra_address(lab: str, node: str, pod_cidr: str, taken: Iterable[str] = ()) -> tuple[str, str]:
+    """(ip, host veth) for one more pod on `node`: the first of .250-.254 of its pod CIDR
+    that no netns of the lab uses, that is not in `taken` (addresses the caller has
+    handed out but maybe not built yet) and whose veth name is free on the node."""
+    import ipaddress
+    net = ipaddress.IPv4Network(pod_cidr)
+    used = set(taken)
+    for ns in lab_netns(lab):
+        used |= netns_addresses(ns)
+    links = netns_links(node_netns(lab, node))
+    for octet in EXTRA_POD_OCTETS:
+        addr = str(net.network_address + octet)
+        veth = f"vw{octet}"
+        if addr not in used and veth not in links:
+            return addr, veth
+    first, last = net.network_address + EXTRA_POD_OCTETS[0], net.network_address + EXTRA_POD_OCTETS[-1]
+    raise MeshError(f"node {node!r} has no free address for another waypoint pod: {first}-{last} "
+                    f"are all in use ({len(EXTRA_POD_OCTETS)} per node)",
+                    hint="delete a waypoint on that node or put this one on another node "
+                         "(annotation meshlane.io/node)")
+
+
+def mac_for(ip_addr: str) -> str:
+    """A locally administered MAC derived from an IPv4 address (02:4d:4c + its last three
+    bytes): stable across re-creations of a pod with that address."""
+    b = [int(x) for x in ip_addr.split(".")]
+    return "02:4d:4c:%02x:%02x:%02x" % (b[1], b[2], b[3])
+
+
+def add_pod(lab: str, node: str, name: str, ip_addr: str, host_veth: str) -> PodNet:
+    """Build one more pod netns `<lab>-<name>` on `node` (veth `host_veth` on its bridge,
+    eth0 = ip_addr/24, default route via the bridge).  A failure leaves nothing behind."""
+    pod = PodNet(name=name, netns=pod_netns(lab, name), node=node, node_netns=node_netns(lab, node),
+                 ip=ip_addr, host_veth=host_veth, index=int(ip_addr.rsplit(".", 1)[1]))
+    present = existing_netns()
+    if pod.node_netns not in present:
+        raise MeshError(f"node netns {pod.node_netns} does not exist", hint="is the lab up?")
+    if pod.netns in present:
+        raise MeshError(f"netns {pod.netns} already exists",
+                        hint=f"remove it with `ip netns del {pod.netns}` if nothing uses it")
+    try:
+        build_pod(lab, pod)
+        # a MAC that follows the address: a pod re-created with the same address (a
+        # waypoint deleted and applied again, or moved back) keeps its MAC, so peers'
+        # neighbour entries stay right instead of stalling ~5 s on a stale one
+        ip("-n", pod.netns, "link", "set", "eth0", "address", mac_for(ip_addr))
+    except BaseException:
+        ip("netns", "del", pod.netns, check=False)  # takes eth0 and so its veth peer along
+        ip("-n", pod.node_netns, "link", "del", pod.host_veth, check=False)
+        raise
+    return pod
+
+
+def remove_pod(lab: str, name: str) -> bool:
+    """Delete pod netns `<lab>-<name>` (its veth pair goes with it); False if absent."""
+    return bool(teardown(lab, [pod_netns(lab, name)]))
