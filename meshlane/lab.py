@@ -206,6 +206,10 @@ def start_ztunnel(paths: LabPaths, node: str) -> int:
                   paths.run / "logs" / f"ztunnel-{node}.log")
 
 
+def start_waypointd(paths: LabPaths) -> int:
+    return _spawn(_py("waypointd", "--lab", paths.name), paths.run / "logs" / "waypointd.log")
+
+
 def ztunnel_ready(paths: LabPaths, node: str) -> bool:
     code, _ = http_get_in_netns(labnet.node_netns(paths.name, node), C.PORT_READY, "/healthz/ready")
     return code == 200
@@ -263,6 +267,8 @@ def up(lab: str, topology_path: str | None, *, cacerts: str | None = None) -> di
                 f.write(token)
         for p in topo.pods:
             control_client.call(sock, "put", object=pod_object(p, nets[p.name]))
+        if topo.services:
+            control_client.call(sock, "apply", objects=list(topo.services), src=topology_path or "<default>")
         progress("starting node agents (compiling BPF) and ztunnels")
         for n in topo.nodes:
             state["pids"][f"node-{n.name}"] = start_node_agent(paths, n.name, fastpath=n.fastpath)
@@ -343,6 +349,8 @@ def down(lab: str, *, quiet: bool = False) -> dict:
         for name, pid in list(state.get("apps", {}).items()) + list(state.get("pids", {}).items()):
             stop_pid(pid)
             stopped.append(name)
+    from meshlane import waypointd
+    stopped += [f"envoy-{pid}" for pid in waypointd.stop_all(lab)]  # if the controller left any
     pins = []
     node_names = [n["name"] for n in (state or {}).get("nodes", [])]
     for root in sorted(Path(C.PIN_ROOT).glob(f"{lab}-*")) if Path(C.PIN_ROOT).exists() else []:

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from meshcore import constants as C
+from meshcore import l7parse
 from meshcore.errors import BadInputError, NotFoundError
 
 MAX_PODS_PER_NODE = 240
@@ -56,6 +57,7 @@ class Topology:
     nodes: tuple[NodeSpec, ...]
     pods: tuple[PodSpec, ...]
     namespaces: dict[str, dict]   # name -> labels
+    services: tuple[dict, ...] = ()   # Service objects, validated, applied at `lab up`
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -98,9 +100,9 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
                             f"{getattr(exc, 'problem', exc)}") from None
     if not isinstance(doc, dict):
         raise _fail(src, "(top)", "expected a mapping with keys nodes, namespaces, pods")
-    unknown = set(doc) - {"nodes", "namespaces", "pods"}
+    unknown = set(doc) - {"nodes", "namespaces", "pods", "services"}
     if unknown:
-        raise _fail(src, sorted(unknown)[0], "unknown key (allowed: nodes, namespaces, pods)")
+        raise _fail(src, sorted(unknown)[0], "unknown key (allowed: nodes, namespaces, pods, services)")
     raw_nodes = doc.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise _fail(src, "nodes", "expected a non-empty list of node names")
@@ -175,7 +177,23 @@ def parse(text: str, *, src: str = "<default>") -> Topology:
         pods.append(PodSpec(name=name, node=node, namespace=ns, service_account=sa, app=app,
                             labels={str(k): str(v) for k, v in labels.items()}, ports=tuple(ports),
                             annotations={str(k): v for k, v in annotations.items()}))
-    return Topology(nodes=tuple(nodes), pods=tuple(pods), namespaces=namespaces)
+    raw_svcs = doc.get("services") or []
+    if not isinstance(raw_svcs, list):
+        raise _fail(src, "services", "expected a list of Services ({name, namespace, ports, selector})")
+    services = []
+    for i, raw in enumerate(raw_svcs):
+        if not isinstance(raw, dict):
+            raise _fail(src, f"services[{i}]", "expected a mapping {name, namespace, ports, selector, labels}")
+        extra = set(raw) - {"name", "namespace", "ports", "selector", "labels", "clusterIP"}
+        if extra:
+            raise _fail(src, f"services[{i}].{sorted(extra)[0]}", "unknown key")
+        obj = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": raw.get("name"), "namespace": raw.get("namespace", "default"),
+                            "labels": raw.get("labels") or {}},
+               "spec": {k: raw[k] for k in ("ports", "selector", "clusterIP") if k in raw}}
+        services.append(l7parse.validate(obj, src=src, prefix=f"services[{i}].")[0])
+        namespaces.setdefault(obj["metadata"]["namespace"], {})
+    return Topology(nodes=tuple(nodes), pods=tuple(pods), namespaces=namespaces, services=tuple(services))
 
 
 def load(path: str | None) -> Topology:

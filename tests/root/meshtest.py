@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from meshcore import netns
 from fastpath.loader import NodeDatapath
 from meshlane import lab as labmod
 from slowpath import certs
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
@@ -151,3 +154,57 @@ def wait_record(lab: str, node: str, pred, timeout: float = 8.0) -> dict:
             raise AssertionError(f"no matching access record on {node}: "
                                  f"{zt_connections(lab, node)[-5:]}")
         time.sleep(0.1)
+
+
+# --- the CLI as a user runs it ---------------------------------------------------------
+
+def ml(*args: str, lab: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    args = list(args)
+    if lab is not None:  # before a `--`: what follows it is the command of `lab exec`
+        at = args.index("--") if "--" in args else len(args)
+        args[at:at] = ["--lab", lab]
+    cmd = [sys.executable, "-m", "meshlane.cli", *args]
+    env = {k: v for k, v in os.environ.items() if k != "MESHLANE_LAB"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr}"
+    assert "Traceback" not in res.stdout + res.stderr
+    return res
+
+
+def fails(res: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    """The house error shape: exit `code`, one stderr line `meshlane: ...`, no traceback."""
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out, out
+    assert res.returncode == code, f"exit {res.returncode}, want {code}: {out}"
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"want one stderr line, got {lines}"
+    assert lines[0].startswith("meshlane: "), lines[0]
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# --- HTTP from inside a pod ------------------------------------------------------------------
+
+def http_call(ns: str, ip: str, port: int, method: str = "GET", path: str = "/", *,
+              headers: dict | None = None, body: bytes | None = None,
+              timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 request from a socket created in netns `ns` (so connect() is the
+    pod's own and the mesh sees it); (status, lower-cased headers, body)."""
+    import http.client
+    with netns.entered(ns):
+        s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        conn = http.client.HTTPConnection(ip, port, timeout=timeout)
+        conn.sock = s
+        conn.request(method, path, body=body, headers={"Connection": "close", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        s.close()

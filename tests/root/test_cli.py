@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.root.meshtest import fails, ml, ok
 
 pytestmark = pytest.mark.root
 
@@ -40,33 +41,6 @@ TAG = os.getpid() % 10000
 ABSENT = f"mln{TAG}"   # a lab name that is never brought up
 
 
-def ml(*args: str, lab: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
-    args = list(args)
-    if lab is not None:  # before a `--`: what follows it is the command of `lab exec`
-        at = args.index("--") if "--" in args else len(args)
-        args[at:at] = ["--lab", lab]
-    cmd = [sys.executable, "-m", "meshlane.cli", *args]
-    env = {k: v for k, v in os.environ.items() if k != "MESHLANE_LAB"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-
-def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr}"
-    assert "Traceback" not in res.stdout + res.stderr
-    return res
-
-
-def fails(res: subprocess.CompletedProcess, code: int, *needles: str) -> str:
-    """The house error shape: exit `code`, one stderr line `meshlane: ...`, no traceback."""
-    out = res.stdout + res.stderr
-    assert "Traceback" not in out, out
-    assert res.returncode == code, f"exit {res.returncode}, want {code}: {out}"
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"want one stderr line, got {lines}"
-    assert lines[0].startswith("meshlane: "), lines[0]
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def netns_with_prefix(prefix: str) -> list[str]:
