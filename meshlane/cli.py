@@ -333,18 +333,22 @@ def _parse_labels(items: tuple[str, ...]) -> tuple[dict, list]:
 
 @cli.command()
 @LAB
-@click.argument("kind", type=click.Choice(["namespace", "ns", "pod"]))
+@click.argument("kind", type=click.Choice(["namespace", "ns", "pod", "service", "svc"]))
 @click.argument("name")
 @click.argument("labels", nargs=-1, required=True)
-@click.option("-n", "--namespace", default="default", help="namespace of a pod")
+@click.option("-n", "--namespace", default="default", help="namespace of a pod or service")
 @click.option("--overwrite", is_flag=True, help="replace an existing value")
 def label(lab, kind, name, labels, namespace, overwrite) -> None:
-    """Set (key=value) or remove (key-) labels, kubectl style."""
+    """Set (key=value) or remove (key-) labels, kubectl style.
+
+    `meshlane label namespace demo istio.io/use-waypoint=waypoint` sends the namespace's
+    Service traffic through that waypoint; on a Service it does so for that Service only
+    (`istio.io/use-waypoint=none` on a Service opts it out of its namespace's)."""
     from slowpath.control_client import call
     sets, removes = _parse_labels(labels)  # a usage error first, whether the lab is up or not
     sock = _control(lab)
-    k = "Namespace" if kind in ("namespace", "ns") else "Pod"
-    args = {"namespace": namespace} if k == "Pod" else {}
+    k = {"namespace": "Namespace", "ns": "Namespace", "pod": "Pod"}.get(kind, "Service")
+    args = {"namespace": namespace} if k != "Namespace" else {}
     # an unknown namespace or pod is NotFound (66), as kubectl answers; nothing is created
     call(sock, "label", kind=k, name=name, set=sets, remove=removes, overwrite=overwrite, **args)
     click.echo(f"{k.lower()}/{name} labeled", err=True)
@@ -360,10 +364,12 @@ FILES = click.option("-f", "--filename", "files", multiple=True,
 @LAB
 @FILES
 def apply(lab, files) -> None:
-    """Create or update resources (AuthorizationPolicy, Namespace) from YAML files.
+    """Create or update resources from YAML files: AuthorizationPolicy, Namespace, Service,
+    Gateway (waypoints), HTTPRoute, DestinationRule.
 
-    Every document of every file is validated before anything changes: one bad field
-    and nothing is applied.  Fields that do nothing at L4 are reported as warnings."""
+    Every document of every file is validated before anything changes (fields, and what
+    routes refer to): one bad field and nothing is applied.  Fields that do nothing
+    where the policy applies are reported as warnings."""
     from meshlane import resources
     from slowpath.control_client import call
     if not files:
@@ -378,6 +384,36 @@ def apply(lab, files) -> None:
             click.echo(f"Warning: {w}", err=True)
         for r in ans["results"]:
             click.echo(f"{resources.describe(r['kind'], r['name'])} {r['result']}")
+
+
+def _labels_text(o: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in (o["metadata"].get("labels") or {}).items()) or "<none>"
+
+
+def _programmed(o: dict) -> str:
+    for c in (o.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Programmed":
+            return c.get("status", "Unknown")
+    return "Unknown"
+
+
+L7_TABLES = {
+    "Service": lambda os_: [("NAMESPACE", "NAME", "VIP", "PORTS", "LABELS")] + [
+        (o["metadata"].get("namespace", ""), o["metadata"]["name"], o["spec"].get("clusterIP", ""),
+         ",".join(f"{p['port']}/{p.get('targetPort', p['port'])}" for p in o["spec"].get("ports", [])),
+         _labels_text(o)) for o in os_],
+    "Gateway": lambda os_: [("NAMESPACE", "NAME", "CLASS", "ADDRESS", "PROGRAMMED")] + [
+        (o["metadata"].get("namespace", ""), o["metadata"]["name"], o["spec"].get("gatewayClassName", ""),
+         ",".join(a.get("value", "") for a in (o.get("status") or {}).get("addresses") or []) or "<pending>",
+         _programmed(o)) for o in os_],
+    "HTTPRoute": lambda os_: [("NAMESPACE", "NAME", "PARENTS", "RULES")] + [
+        (o["metadata"].get("namespace", ""), o["metadata"]["name"],
+         ",".join(f"{r.get('kind', 'Service')}/{r['name']}" + (f":{r['port']}" if r.get("port") else "")
+                  for r in o["spec"].get("parentRefs", [])), str(len(o["spec"].get("rules") or [{}])))
+        for o in os_],
+    "DestinationRule": lambda os_: [("NAMESPACE", "NAME", "HOST")] + [
+        (o["metadata"].get("namespace", ""), o["metadata"]["name"], o["spec"].get("host", "")) for o in os_],
+}
 
 
 def _policy_row(o: dict) -> tuple:
@@ -401,7 +437,8 @@ def _policy_row(o: dict) -> tuple:
 @click.option("-n", "--namespace", default=None, help="only this namespace (default: every namespace)")
 @OUTPUT
 def get(lab, resource, name, namespace, output) -> None:
-    """List resources: authorizationpolicies (ap), namespaces (ns), pods."""
+    """List resources: authorizationpolicies (ap), namespaces (ns), pods, services (svc),
+    gateways (gtw), httproutes, destinationrules (dr)."""
     from meshlane import resources
     from slowpath.control_client import call
     kind = resources.KIND_NAMES.get(resource.lower())
@@ -423,6 +460,8 @@ def get(lab, resource, name, namespace, output) -> None:
     data = objs if name is None or output == "short" else objs[0]
     if kind == "AuthorizationPolicy":
         table = lambda os_: [("NAMESPACE", "NAME", "ACTION", "SCOPE", "RULES")] + [_policy_row(o) for o in os_]
+    elif kind in L7_TABLES:
+        table = L7_TABLES[kind]
     elif kind == "Namespace":
         table = lambda os_: [("NAME", "LABELS")] + [(o["metadata"]["name"], ",".join(
             f"{k}={v}" for k, v in (o["metadata"].get("labels") or {}).items()) or "<none>") for o in os_]
@@ -465,6 +504,188 @@ def delete(lab, resource, name, files, namespace, ignore_not_found) -> None:
     ans = call(_control(lab), "delete_objects", objects=objs, ignore_not_found=ignore_not_found)
     for r in ans["results"]:
         click.echo(f"{resources.describe(r['kind'], r['name'])} {r['result']}")
+
+
+# --- waypoints --------------------------------------------------------------------------
+
+@cli.command(hidden=True)
+@LAB
+def waypointd(lab) -> None:
+    """Run the lab's waypoint controller (started by `lab up`)."""
+    from meshlane import waypointd as wpd
+    _need_root("the waypoint controller")
+    _logging()
+    wpd.run(lab)
+
+
+@cli.group()
+def waypoint() -> None:
+    """Waypoints: per-namespace Envoys for L7 (istioctl waypoint style)."""
+
+
+def _gateway_obj(namespace: str, name: str, waypoint_for: str, node: str | None) -> dict:
+    from meshcore import l7
+    meta = {"name": name, "namespace": namespace, "labels": {l7.LABEL_WAYPOINT_FOR: waypoint_for}}
+    if node:
+        meta["annotations"] = {l7.ANNOTATION_NODE: node}
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": meta,
+            "spec": {"gatewayClassName": l7.WAYPOINT_CLASS,
+                     "listeners": [{"name": "mesh", "port": C.PORT_HBONE, "protocol": "HBONE"}]}}
+
+
+def _wait_programmed(sock: str, namespace: str, name: str, timeout: float) -> dict:
+    from slowpath.control_client import call
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        obj = call(sock, "get", kind="Gateway", namespace=namespace, name=name)["objects"][0]
+        for c in (obj.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "Programmed":
+                last = c
+                if c.get("status") == "True":
+                    return obj
+        time.sleep(0.2)
+    why = f" (last: {last.get('reason')}: {last.get('message')})" if last else ""
+    raise UnavailableError(f"waypoint {namespace}/{name} not programmed after {timeout:.0f}s{why}",
+                           hint="see `meshlane waypoint status` and the lab's logs/waypointd.log")
+
+
+@waypoint.command("apply")
+@LAB
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--name", default="waypoint", show_default=True)
+@click.option("--for", "waypoint_for", type=click.Choice(["service", "workload", "all", "none"]),
+              default="service", show_default=True, help="which traffic the waypoint takes")
+@click.option("--enroll-namespace", is_flag=True,
+              help="also label the namespace istio.io/use-waypoint=<name>")
+@click.option("--node", "node_name", default=None, help="lab node to run it on (default: the first)")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait until Envoy runs it")
+@click.option("--timeout", default=60.0, show_default=True)
+def waypoint_apply(lab, namespace, name, waypoint_for, enroll_namespace, node_name, wait, timeout) -> None:
+    """Create or update a waypoint (a Gateway of class istio-waypoint)."""
+    from slowpath.control_client import call
+    sock = _control(lab)
+    ans = call(sock, "apply", objects=[_gateway_obj(namespace, name, waypoint_for, node_name)],
+               src="waypoint apply")
+    for w in ans["warnings"]:
+        click.echo(f"Warning: {w}", err=True)
+    click.echo(f"waypoint {namespace}/{name} {ans['results'][0]['result']}", err=True)
+    if enroll_namespace:
+        call(sock, "label", kind="Namespace", name=namespace,
+             set={C.LABEL_USE_WAYPOINT: name}, remove=[], overwrite=True)
+        click.echo(f"namespace {namespace} labeled with \"{C.LABEL_USE_WAYPOINT}={name}\"", err=True)
+    if wait:
+        obj = _wait_programmed(sock, namespace, name, timeout)
+        info = (obj.get("status") or {}).get("meshlane") or {}
+        click.echo(f"waypoint {namespace}/{name} programmed: pod {info.get('pod')} on "
+                   f"{info.get('node')} at {info.get('ip')}", err=True)
+
+
+@waypoint.command("list")
+@LAB
+@click.option("-n", "--namespace", default=None, help="only this namespace (default: every namespace)")
+@OUTPUT
+def waypoint_list(lab, namespace, output) -> None:
+    """List waypoints."""
+    from meshcore import l7
+    from slowpath.control_client import call
+    args = {"namespace": namespace} if namespace else {}
+    objs = [o for o in call(_control(lab), "get", kind="Gateway", **args)["objects"]
+            if (o.get("spec") or {}).get("gatewayClassName") == l7.WAYPOINT_CLASS]
+    if output == "short" and not objs:
+        click.echo("No waypoints found" + (f" in namespace {namespace}" if namespace else ""), err=True)
+        return
+    emit(objs, output, table=lambda os_: [("NAMESPACE", "NAME", "FOR", "NODE", "ADDRESS", "PROGRAMMED")] + [
+        (o["metadata"]["namespace"], o["metadata"]["name"],
+         (o["metadata"].get("labels") or {}).get(l7.LABEL_WAYPOINT_FOR, "service"),
+         ((o.get("status") or {}).get("meshlane") or {}).get("node", ""),
+         ((o.get("status") or {}).get("meshlane") or {}).get("ip", "<pending>"), _programmed(o))
+        for o in os_])
+
+
+def _waypoint_admin(info: dict, path: str) -> str:
+    from meshlane.waypointd import admin_get   # Envoy's admin answers chunked: it decodes that
+    try:
+        code, body = admin_get(info["netns"], path, timeout=5, port=int(info.get("adminPort", 15000)))
+    except (OSError, KeyError) as exc:
+        raise UnavailableError(f"the waypoint's Envoy admin is not reachable: {exc}",
+                               hint="is the waypoint running? see `meshlane waypoint list`") from None
+    if code != 200:
+        raise UnavailableError(f"the waypoint's Envoy admin answered {code} for {path}")
+    return body
+
+
+@waypoint.command("status")
+@LAB
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--name", default="waypoint", show_default=True)
+@click.option("--log-lines", default=10, show_default=True, help="access log lines to show")
+@OUTPUT
+def waypoint_status(lab, namespace, name, log_lines, output) -> None:
+    """A waypoint's pod, identity, config version, HTTP statistics (from Envoy's admin
+    on 127.0.0.1:15000 inside its pod) and last access log lines (JSON)."""
+    from slowpath.control_client import call
+    from slowpath.envoy_hbone import parse_stats
+    obj = call(_control(lab), "get", kind="Gateway", namespace=namespace, name=name)["objects"][0]
+    st = obj.get("status") or {}
+    info = st.get("meshlane") or {}
+    data = {"name": name, "namespace": namespace, "conditions": st.get("conditions") or [], **info}
+    if info.get("netns"):
+        stats = parse_stats(_waypoint_admin(info, "/stats?filter=%5Ehttp%5C."))
+        data["httpStats"] = {k: v for k, v in sorted(stats.items())
+                             if k.startswith("http.") and (".downstream_rq_" in k or ".rbac." in k
+                                                           or "ratelimit" in k or ".fault." in k)
+                             and v}
+    access = Path(info["accessLog"]) if info.get("accessLog") else None
+    lines = access.read_text(errors="replace").splitlines()[-log_lines:] if access and access.exists() else []
+    data["accessLog"] = [json.loads(x) if x.startswith("{") else x for x in lines]
+    if output != "short":
+        emit(data, output)
+        return
+    for c in data["conditions"]:
+        click.echo(f"{c.get('type')}: {c.get('status')} {c.get('reason', '')} {c.get('message', '')}".rstrip())
+    for k in ("pod", "node", "ip", "identity", "envoyPid", "adminPort", "configVersion", "accessLog"):
+        if k in info:
+            click.echo(f"{k}: {info[k]}")
+    if data.get("httpStats"):
+        click.echo("HTTP statistics:")
+        for k, v in data["httpStats"].items():
+            click.echo(f"  {k}: {v}")
+    if lines:
+        click.echo(f"last {len(lines)} requests:")
+        for x in lines:
+            click.echo(f"  {x}")
+
+
+@waypoint.command("delete")
+@LAB
+@click.argument("names", nargs=-1)
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--all", "all_", is_flag=True, help="every waypoint of the namespace")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait until its pod is gone")
+def waypoint_delete(lab, names, namespace, all_, wait) -> None:
+    """Delete waypoints (default: the one named `waypoint`).  Its pod, Envoy and files go too."""
+    from meshcore import l7
+    from slowpath.control_client import call
+    sock = _control(lab)
+    if all_:
+        names = tuple(o["metadata"]["name"] for o in call(sock, "get", kind="Gateway", namespace=namespace)["objects"]
+                      if (o.get("spec") or {}).get("gatewayClassName") == l7.WAYPOINT_CLASS)
+    names = names or ("waypoint",)
+    ans = call(sock, "delete_objects", objects=[{"kind": "Gateway", "metadata": {"name": n, "namespace": namespace}}
+                                               for n in names])
+    for r in ans["results"]:
+        click.echo(f"waypoint {namespace}/{r['name']} {r['result']}", err=True)
+    if wait:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = [o for o in call(sock, "get", kind="Pod", namespace=namespace)["objects"]
+                    if (o["metadata"].get("labels") or {}).get(l7.LABEL_GATEWAY_NAME) in names]
+            if not left:
+                return
+            time.sleep(0.2)
+        raise UnavailableError(f"the pods of waypoint(s) {', '.join(names)} are still there after 30s",
+                               hint="see the lab's logs/waypointd.log")
 
 
 # --- inspection -----------------------------------------------------------------------
