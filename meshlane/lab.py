@@ -274,6 +274,8 @@ def up(lab: str, topology_path: str | None, *, cacerts: str | None = None) -> di
             state["pids"][f"node-{n.name}"] = start_node_agent(paths, n.name, fastpath=n.fastpath)
             state["pids"][f"ztunnel-{n.name}"] = start_ztunnel(paths, n.name)
             _save(paths, state)
+        state["pids"]["waypointd"] = start_waypointd(paths)
+        _save(paths, state)
         for p in topo.pods:
             if p.app == "http":
                 net = nets[p.name]

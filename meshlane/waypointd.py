@@ -177,7 +177,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _dump(content: dict) -> str:
-    return yaml.dump(content, Dumper=_DUMPER, sort_keys=False, default_flow_style=False)
+    # JSON, which Envoy reads as YAML: yaml-cpp would take a plain y/n/on/off as booleans
+    return json.dumps(content, indent=1) + "\n"
 
 
 def _stamp(content: dict) -> dict:
