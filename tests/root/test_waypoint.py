@@ -216,8 +216,8 @@ def test_rate_limit_answers_429_after_its_budget(wlab):
 
 
 def test_l7_deny_on_delete_refuses_that_method_only(wlab):
-    # /delay/1 is routed to echo-v1 (the "slow" route); a path no rule matches is a 404
-    # before authorization is looked up, so it would not show the DENY
+    # /delay/1 is a path echo-v1's routes carry (the "slow" route): the DENY is configured
+    # on those routes, and a path no rule matches has no route at all (Gateway API: 404)
     ok(wlab.apply(yaml.safe_dump({
         "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "no-delete", "namespace": "demo"},

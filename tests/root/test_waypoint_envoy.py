@@ -50,6 +50,7 @@ from meshcore import l7, netns
 from slowpath import envoy_hbone as eh
 from slowpath import waypoint_envoy as we
 from tests.envoy_util import EnvoyProcess, envoy_binary, requires_envoy, validate
+from tests.root import meshtest
 
 pytestmark = [pytest.mark.root, requires_envoy()]
 
@@ -382,19 +383,8 @@ def client_envoy_bootstrap(pki: Pki, leaves: dict[str, Leaf], targets: dict[str,
 def http_call(port: int, method: str = "GET", path: str = "/", headers: dict | None = None,
               timeout: float = TIMEOUT) -> tuple[int, dict, bytes]:
     """One request on a new connection from inside the client netns to 127.0.0.1:port."""
-    with netns.entered(LAB["cli"]):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        s.settimeout(timeout)
-        s.connect(("127.0.0.1", port))
-        conn.sock = s
-        conn.request(method, path, headers={"connection": "close", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-        s.close()
+    return meshtest.http_call(LAB["cli"], "127.0.0.1", port, method, path, headers=headers,
+                              timeout=timeout)
 
 
 def tcp_echo(port: int, payload: bytes) -> bytes:
