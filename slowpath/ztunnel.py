@@ -50,8 +50,10 @@ from slowpath.hbone import events as ev
 from slowpath.state import ServiceStore, Workload, WorkloadStore, uid_of
 
 log = logging.getLogger("meshlane.ztunnel")
-L7_KINDS = ("Service", "Gateway", "Namespace")   # what picks a Service's endpoint or waypoint
 access = logging.getLogger("meshlane.access")
+# what decides where a connection to a Service VIP goes (its endpoints or its waypoint);
+# not control.L7_KINDS, which are the kinds `apply` validates with meshcore.l7parse
+SERVICE_KINDS = ("Service", "Gateway", "Namespace")
 
 IP_TRANSPARENT = 19
 
@@ -531,16 +533,16 @@ class Ztunnel:
     async def watch_workloads(self) -> None:
         while not self.stopping:
             try:
-                async for msg in control_client.watch(self.control_socket, ["Pod", authz.KIND, *L7_KINDS]):
+                async for msg in control_client.watch(self.control_socket, ["Pod", authz.KIND, *SERVICE_KINDS]):
                     rev = msg.get("rev", self.policy_rev)
                     if msg["event"] == "snapshot":
                         self.workloads.replace_all([o for o in msg["objects"] if o["kind"] == "Pod"])
-                        self.services.replace_all([o for o in msg["objects"] if o["kind"] in L7_KINDS])
+                        self.services.replace_all([o for o in msg["objects"] if o["kind"] in SERVICE_KINDS])
                         self.set_policies({uid_of(o): o for o in msg["objects"] if o["kind"] == authz.KIND}, rev)
                         self.policy_synced = True
                         continue
                     o = msg["object"]
-                    if o["kind"] in L7_KINDS:
+                    if o["kind"] in SERVICE_KINDS:
                         (self.services.put if msg["event"] == "put" else self.services.delete)(o)
                     elif o["kind"] == authz.KIND:
                         objs = dict(self.policy_objs)
