@@ -319,6 +319,9 @@ class WaypointView:
     services: tuple[Service, ...] = ()              # the Services this waypoint serves
     all_services: tuple[Service, ...] = ()          # every Service of the namespace (backends)
     endpoints: tuple[tuple[str, tuple[Endpoint, ...]], ...] = ()   # service key -> endpoints
+    # enrolled pods whose pod-IP-addressed traffic this waypoint takes (waypoint_for
+    # workload|all); `pod`, `ip` and `identity` are used, `hbone` is always True
+    workloads: tuple[Endpoint, ...] = ()
     routes: tuple[HTTPRoute, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
     policies: tuple[L7Policy, ...] = ()

@@ -25,8 +25,9 @@ Shape (Istio's waypoint is the model)::
       route connect_matcher → cluster main_internal; anything else → 400
   ──internal──► listener main_internal (internal_listener, listener filter original_dst:
       local/remote address restored from that filter state), one filter chain per served
-      (VIP, port), matched on destination IP + port; no match: no chain, Envoy closes the
-      internal connection (the HBONE client got its 200 already and then sees the stream end).
+      (VIP, port), chosen by a filter_chain_matcher on destination IP, then port; no match:
+      no chain, Envoy closes the internal connection (the HBONE client got its 200 already
+      and then sees the stream end).
         HTTP port: HCM codec AUTO (HTTP/1.1, h2c), RDS "inbound-vip|<port>|http|<host>",
           http_filters fixed: meshlane.rbac.deny, meshlane.rbac.allow,
           envoy.filters.http.fault, envoy.filters.http.local_ratelimit, router; JSON
@@ -34,6 +35,17 @@ Shape (Istio's waypoint is the model)::
           `typed_per_filter_config` in the route configs, so a policy or route change is
           an RDS update and never touches a listener (no drain).
         TCP port: [network RBAC deny/allow,] tcp_proxy → the Service's cluster.
+      Pod IPs (`view.workloads`, a waypoint for workloads), any port: the listener adds the
+      HTTP inspector (off on ports served only as TCP VIP ports; it gives up after
+      DETECT_TIMEOUT_S and the connection goes on as TCP).  Per destination identity, chain
+      "inbound-pod|http|<id>" when it saw HTTP/1.1 or h2c (HCM as above, RDS with one route
+      to the cluster encap|<id>, policies that target the Gateway) else
+      "inbound-pod|tcp|<id>" (network RBAC, tcp_proxy → encap|<id>).  Both first set the
+      original_dst local_ip filter state again (shared with the upstream once) to the
+      connection's own local address, and cluster encap|<id> (one internal endpoint) hands
+      it to connect_originate|<id>, which dials exactly that pod IP:port.  HTTP upstream
+      connections of encap are pooled per destination (that filter state is part of the pool
+      key), never shared between two pods or ports.
   ──► cluster outbound|<port>||<svc>.<ns>.svc.cluster.local (STATIC)
         HBONE endpoint: envoy_internal_address {server_listener_name:
           connect_originate|<identity>, endpoint_id: <ip>:<targetPort>}, metadata
@@ -66,7 +78,7 @@ Precedence of HTTPRoute matches (Gateway API; the order of Envoy routes in a vir
 
 Authorization (Istio semantics, one Envoy policy per Istio rule, named
 ``ns[<ns>]-policy[<name>]-rule[<i>]``): policies targeting the Gateway apply to every Service
-of the waypoint, those targeting a Service to its virtual hosts (and TCP chains).  DENY
+of the waypoint and to pod-addressed traffic, those targeting a Service to its virtual hosts (and TCP chains).  DENY
 policies go to ``meshlane.rbac.deny`` (action DENY), ALLOW policies to
 ``meshlane.rbac.allow`` (action ALLOW; with ALLOW policies in scope but no rule left, it
 allows nothing); with none in scope the per-route config is absent and the listener's
@@ -83,8 +95,8 @@ Limits (documented, not errors): HTTPRoute `hostnames` are not matched (a waypoi
 virtual host is the Service's, domains ["*"]); a route's rate limit is one token bucket
 per Envoy route (per rule and match), refilled to full every `per_s`; a backendRef to a
 Service or port the view does not have gets 500 for its share of the traffic
-(cluster_not_found_response_code) instead of a cluster; only Service VIPs are served
-(traffic addressed to a pod IP, `waypoint_for: workload`, has no filter chain).
+(cluster_not_found_response_code) instead of a cluster; pod-addressed traffic gets no
+HTTPRoute (routes attach to Services), no retries and no DestinationRule.
 
 Envoy facts this relies on (checked with Envoy 1.40 by tests/root/test_waypoint_envoy.py):
   * a resource naming a `path_config_source` file that does not exist is refused: write
@@ -172,6 +184,9 @@ DEFAULT_CONFIG_DIR = "config"           # relative: Envoy's working directory (s
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,reset"
 DEFAULT_RETRIES = 2
+# pod-IP-addressed traffic: how long the HTTP inspector waits for a client's first bytes
+# before the connection goes to the TCP chain (a server-first protocol)
+DETECT_TIMEOUT_S = 1.0
 MAX_DOWNSTREAM_CONNECTIONS = 100_000
 _MAX_U32 = 2**32 - 1
 H2_APP_PROTOCOLS = ("http2", "h2c", "grpc", "grpc-web", "kubernetes.io/h2c")
@@ -184,6 +199,13 @@ _TYPE = {
     "hcm": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "tcp_proxy": _T + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "set_filter_state": _T + "extensions.filters.http.set_filter_state.v3.Config",
+    "network_set_filter_state": _T + "extensions.filters.network.set_filter_state.v3.Config",
+    "http_inspector": _T + "extensions.filters.listener.http_inspector.v3.HttpInspector",
+    "ip_input": _T + "extensions.matching.common_inputs.network.v3.DestinationIPInput",
+    "port_input": _T + "extensions.matching.common_inputs.network.v3.DestinationPortInput",
+    "alpn_input": _T + "extensions.matching.common_inputs.network.v3.ApplicationProtocolInput",
+    "ip_matcher": "type.googleapis.com/xds.type.matcher.v3.IPMatcher",
+    "string_value": "type.googleapis.com/google.protobuf.StringValue",
     "original_dst": _T + "extensions.filters.listener.original_dst.v3.OriginalDst",
     "internal_upstream": _T + "extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
     "raw_buffer": _T + "extensions.transport_sockets.raw_buffer.v3.RawBuffer",
@@ -261,10 +283,29 @@ def _tcp_chain_name(svc: l7.Service, port: int) -> str:
 
 def originate_name(identity: str) -> str:
     """Listener and cluster carrying HBONE to pods of `identity` (a spiffe:// URI)."""
+    return f"{CONNECT_ORIGINATE}|{_identity_path(identity)}"
+
+
+def _identity_path(identity: str) -> str:
     if not identity.startswith("spiffe://") or len(identity) <= 9 or any(c in identity for c in " \t\r\n"):
         raise BadInputError(f"endpoint identity {identity!r} is not a spiffe:// URI")
     # without "spiffe://": Envoy's stat names would turn its ':' into '_' (and drop "//")
-    return f"{CONNECT_ORIGINATE}|{identity.removeprefix('spiffe://')}"
+    return identity.removeprefix("spiffe://")
+
+
+def direct_route_config_name(identity: str) -> str:
+    """``inbound-pod|http|<td>/ns/<ns>/sa/<sa>``: HTTP addressed to pods of `identity`."""
+    return f"inbound-pod|http|{_identity_path(identity)}"
+
+
+def _direct_tcp_name(identity: str) -> str:
+    return f"inbound-pod|tcp|{_identity_path(identity)}"
+
+
+def encap_name(identity: str) -> str:
+    """Cluster into the connect_originate listener of `identity`, the destination being
+    the connection's own (original) local address: pod-IP-addressed traffic."""
+    return f"encap|{_identity_path(identity)}"
 
 
 def rds_file(route_config: str) -> str:
@@ -463,26 +504,49 @@ def render(view: l7.WaypointView, *, access_log: str,
     td = view.trust_domain
     files: dict[str, dict] = {}
     chains: list[dict] = []
-    seen_vips: set[tuple[str, int]] = set()
+    vip_ports: dict[str, dict[int, str]] = {}       # VIP -> port -> chain name
+    tcp_ports: set[int] = set()                     # ports served only as TCP
+    http_ports: set[int] = set()
     for svc in sorted(view.services, key=lambda s: s.key):
         for sp in sorted(svc.ports, key=lambda p: p.port):
-            if (str(svc.vip), sp.port) in seen_vips:
+            ports = vip_ports.setdefault(str(ipaddress.ip_address(svc.vip)), {})
+            if sp.port in ports:
                 continue        # two Services cannot share VIP:port; the first one wins
-            seen_vips.add((str(svc.vip), sp.port))
             if sp.http:
                 rc = _route_config(ctx, svc, sp)
                 files[rds_file(rc["name"])] = _discovery([rc])
-                chains.append(_http_chain(ctx, svc, sp, rc["name"]))
+                chains.append(_http_chain(ctx, rc["name"]))
+                http_ports.add(sp.port)
             else:
-                chains.append(_tcp_chain(ctx, svc, sp))
+                chains.append(_tcp_chain(ctx, _tcp_chain_name(svc, sp.port), _policies_for(view, svc),
+                                         ctx.cluster_for(svc.namespace, svc.name, sp.port)))
+                tcp_ports.add(sp.port)
+            ports[sp.port] = chains[-1]["name"]
+
+    # pod-IP-addressed traffic (waypoint_for workload|all): any port, HTTP told from TCP by
+    # the HTTP inspector, one pair of chains per destination identity
+    pod_chains: dict[str, tuple[str, list[str]]] = {}     # identity -> (http chain, ips)
+    for w in sorted(view.workloads, key=lambda e: (e.identity, e.ip)):
+        ip = str(ipaddress.ip_address(w.ip))
+        if ip in vip_ports or any(ip in ips for _, ips in pod_chains.values()):
+            continue
+        if w.identity not in pod_chains:
+            rc = _direct_route_config(view, w.identity)
+            files[rds_file(rc["name"])] = _discovery([rc])
+            chains.append(_http_chain(ctx, rc["name"], forward_local=True))
+            chains.append(_tcp_chain(ctx, _direct_tcp_name(w.identity), _policies_for(view, None),
+                                     encap_name(w.identity), forward_local=True))
+            pod_chains[w.identity] = (rc["name"], [])
+        pod_chains[w.identity][1].append(ip)
 
     clusters = [_outbound_cluster(ctx, svc, sp, cname) for cname, (svc, sp) in sorted(ctx.clusters.items())]
     identities = sorted({e.identity for _, (svc, _sp) in sorted(ctx.clusters.items())
-                         for e in view.endpoints_of(svc.key) if e.hbone})
-    listeners = [_connect_terminate(config_dir, td), _main_internal(chains)]
+                         for e in view.endpoints_of(svc.key) if e.hbone} | set(pod_chains))
+    listeners = [_connect_terminate(config_dir, td),
+                 _main_internal(chains, vip_ports, pod_chains, sniff_off=sorted(tcp_ports - http_ports))]
     listeners += [_connect_originate_listener(i) for i in identities]
     clusters = [_main_internal_cluster(), *[_connect_originate_cluster(i, config_dir) for i in identities],
-                *clusters]
+                *[_encap_cluster(i) for i in sorted(pod_chains)], *clusters]
     files["cds.yaml"] = _discovery([{"@type": _TYPE["cluster"], **c} for c in clusters])
     files["lds.yaml"] = _discovery([{"@type": _TYPE["listener"], **lst} for lst in listeners])
     return {k: files[k] for k in ["cds.yaml", "lds.yaml", *sorted(k for k in files if k.startswith("rds/"))]}
@@ -548,24 +612,77 @@ def _original_dst_listener_filter() -> dict:
     return {"name": ORIGINAL_DST_FILTER, "typed_config": _typed("original_dst")}
 
 
-def _main_internal(chains: list[dict]) -> dict:
-    return {
+def _main_internal(chains: list[dict], vip_ports: dict[str, dict[int, str]],
+                   pod_chains: dict[str, tuple[str, list[str]]], *, sniff_off: list[int]) -> dict:
+    listener: dict[str, Any] = {
         "name": MAIN_INTERNAL,
         "stat_prefix": MAIN_INTERNAL,
         "internal_listener": {},
         "listener_filters": [_original_dst_listener_filter()],
-        # No default chain: a destination that is not a served VIP:port is closed at once.
+        # No default chain: a destination that is not served is closed at once.
         "filter_chains": chains,
     }
+    if chains:
+        listener["filter_chain_matcher"] = _chain_matcher(vip_ports, pod_chains)
+    if pod_chains:
+        inspector: dict[str, Any] = {"name": "envoy.filters.listener.http_inspector",
+                                     "typed_config": _typed("http_inspector")}
+        if sniff_off:   # a VIP port that is TCP only: no waiting for a server-first protocol
+            rules = [{"destination_port_range": {"start": p, "end": p + 1}} for p in sniff_off]
+            inspector["filter_disabled"] = rules[0] if len(rules) == 1 else {"or_match": {"rules": rules}}
+        listener["listener_filters"].append(inspector)
+        listener["listener_filters_timeout"] = _duration(DETECT_TIMEOUT_S)
+        listener["continue_on_listener_filters_timeout"] = True
+    return listener
 
 
-def _chain_match(svc: l7.Service, port: int) -> dict:
-    vip = ipaddress.ip_address(svc.vip)
-    return {"destination_port": port,
-            "prefix_ranges": [{"address_prefix": str(vip), "prefix_len": vip.max_prefixlen}]}
+def _to_chain(name: str) -> dict:
+    return {"action": {"name": name, "typed_config": {"@type": _TYPE["string_value"], "value": name}}}
 
 
-def _http_chain(ctx: _Ctx, svc: l7.Service, sp: l7.ServicePort, rc_name: str) -> dict:
+def _input(kind: str) -> dict:
+    return {"name": kind, "typed_config": _typed(kind)}
+
+
+def _ranges(ips: Iterable[str]) -> list[dict]:
+    out = []
+    for ip in ips:
+        addr = ipaddress.ip_address(ip)
+        out.append({"address_prefix": str(addr), "prefix_len": addr.max_prefixlen})
+    return out
+
+
+def _chain_matcher(vip_ports: dict[str, dict[int, str]], pod_chains: dict[str, tuple[str, list[str]]]) -> dict:
+    """Destination IP first, then: a VIP's port -> its chain; a pod IP -> the HTTP chain of
+    its identity when the HTTP inspector saw HTTP/1.1 or h2c, else the TCP chain.  (The
+    filter_chain_match fields cannot express this: they pick the port before the IP, so a
+    pod chain for every port would lose to a VIP chain on the same port.)  A matcher-only
+    change drains no connection."""
+    ranges = []
+    for vip in sorted(vip_ports):
+        ranges.append({"ranges": _ranges([vip]), "on_match": {"matcher": {"matcher_tree": {
+            "input": _input("port_input"),
+            "exact_match_map": {"map": {str(p): _to_chain(n) for p, n in sorted(vip_ports[vip].items())}}}}}})
+    for identity in sorted(pod_chains):
+        http_chain, ips = pod_chains[identity]
+        ranges.append({"ranges": _ranges(ips), "on_match": {"matcher": {
+            "matcher_tree": {"input": _input("alpn_input"),
+                             "exact_match_map": {"map": {"'http/1.1'": _to_chain(http_chain),
+                                                         "'h2c'": _to_chain(http_chain)}}},
+            "on_no_match": _to_chain(_direct_tcp_name(identity))}}})
+    return {"matcher_tree": {"input": _input("ip_input"),
+                             "custom_match": {"name": "ip", "typed_config": _typed("ip_matcher",
+                                                                                    range_matchers=ranges)}}}
+
+
+def _forward_local() -> dict:
+    """Hand the connection's local address (the pod IP:port original_dst restored) to the
+    next internal listener (connect_originate), which dials it: what an encap cluster needs."""
+    return {"name": "envoy.filters.network.set_filter_state", "typed_config": _typed(
+        "network_set_filter_state", on_new_connection=[_set_state(ORIGINAL_DST_LOCAL, "%DOWNSTREAM_LOCAL_ADDRESS%")])}
+
+
+def _http_chain(ctx: _Ctx, rc_name: str, *, forward_local: bool = False) -> dict:
     rbac_noop = _typed("rbac")          # no `rules`: the filter does nothing unless a route says so
     hcm = _typed(
         "hcm", stat_prefix=rc_name, codec_type="AUTO",
@@ -583,14 +700,15 @@ def _http_chain(ctx: _Ctx, svc: l7.Service, sp: l7.ServicePort, rc_name: str) ->
         normalize_path=True,
         access_log=_access_log(ctx.access_log, HTTP_LOG_FORMAT),
     )
-    return {"name": rc_name, "filter_chain_match": _chain_match(svc, sp.port),
-            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+    filters = [_forward_local()] if forward_local else []
+    return {"name": rc_name,
+            "filters": [*filters, {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
 
 
-def _tcp_chain(ctx: _Ctx, svc: l7.Service, sp: l7.ServicePort) -> dict:
-    name = _tcp_chain_name(svc, sp.port)
+def _tcp_chain(ctx: _Ctx, name: str, policies: tuple[list[l7.L7Policy], list[l7.L7Policy]], cluster: str,
+               *, forward_local: bool = False) -> dict:
     filters = []
-    deny, allow = _policies_for(ctx.view, svc)
+    deny, allow = policies
     if deny:
         rules = _rbac_rules("DENY", deny, tcp=True)
         if rules["policies"]:
@@ -600,13 +718,14 @@ def _tcp_chain(ctx: _Ctx, svc: l7.Service, sp: l7.ServicePort) -> dict:
         filters.append({"name": "envoy.filters.network.rbac",
                         "typed_config": _typed("network_rbac", stat_prefix=f"{name}.allow.",
                                                rules=_rbac_rules("ALLOW", allow, tcp=True))})
+    if forward_local:
+        filters.append(_forward_local())
     filters.append({"name": "envoy.filters.network.tcp_proxy",
-                    "typed_config": _typed("tcp_proxy", stat_prefix=name,
-                                           cluster=ctx.cluster_for(svc.namespace, svc.name, sp.port),
+                    "typed_config": _typed("tcp_proxy", stat_prefix=name, cluster=cluster,
                                            # another endpoint when one cannot be reached
                                            max_connect_attempts=1 + DEFAULT_RETRIES,
                                            access_log=_access_log(ctx.access_log, TCP_LOG_FORMAT))})
-    return {"name": name, "filter_chain_match": _chain_match(svc, sp.port), "filters": filters}
+    return {"name": name, "filters": filters}
 
 
 def _connect_originate_listener(identity: str) -> dict:
@@ -656,6 +775,25 @@ def _connect_originate_cluster(identity: str, config_dir: str) -> dict:
             explicit_http_config={"http2_protocol_options": _h2_options(server=False)})},
         # No "sni": HBONE sends no server name.
         "transport_socket": {"name": _TLS_SOCKET, "typed_config": tls},
+    }
+
+
+def _encap_cluster(identity: str) -> dict:
+    """Into connect_originate|<identity>; the destination is the filter state the chain
+    set (`_forward_local`).  HTTP goes upstream in the protocol it came in."""
+    name = encap_name(identity)
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": _duration(CONNECT_TIMEOUT_S),
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"envoy_internal_address": {"server_listener_name": originate_name(identity)}}}}]}]},
+        "transport_socket": {"name": "envoy.transport_sockets.internal_upstream",
+                             "typed_config": _typed("internal_upstream", transport_socket=_raw_buffer())},
+        "circuit_breakers": _high_circuit_breakers(),
+        "typed_extension_protocol_options": {_HTTP_OPTS_KEY: _typed(
+            "http_options", common_http_protocol_options={"idle_timeout": "3600s"},
+            use_downstream_protocol_config={"http_protocol_options": {}, "http2_protocol_options": {}})},
     }
 
 
@@ -905,7 +1043,23 @@ def _route_config(ctx: _Ctx, svc: l7.Service, sp: l7.ServicePort) -> dict:
     else:
         routes = [_route_entry(ctx, svc, sp.port, None, None, l7.RouteMatch(), "default")]
     vhost: dict[str, Any] = {"name": f"{svc.host}:{sp.port}", "domains": ["*"], "routes": routes}
-    deny, allow = _policies_for(ctx.view, svc)
+    _authorize(vhost, _policies_for(ctx.view, svc))
+    return {"@type": _TYPE["route"], "name": name, "virtual_hosts": [vhost], "validate_clusters": False}
+
+
+def _direct_route_config(view: l7.WaypointView, identity: str) -> dict:
+    """HTTP addressed to a pod IP: no HTTPRoute applies (they attach to Services), only the
+    policies that target the Gateway; the request goes on to the address it was sent to."""
+    name = direct_route_config_name(identity)
+    vhost: dict[str, Any] = {"name": name, "domains": ["*"], "routes": [{
+        "name": "direct", "match": {"prefix": "/"},
+        "route": {"cluster": encap_name(identity), "timeout": "0s"}}]}
+    _authorize(vhost, _policies_for(view, None))
+    return {"@type": _TYPE["route"], "name": name, "virtual_hosts": [vhost], "validate_clusters": False}
+
+
+def _authorize(vhost: dict, policies: tuple[list[l7.L7Policy], list[l7.L7Policy]]) -> None:
+    deny, allow = policies
     per_filter = {}
     if deny:
         rules = _rbac_rules("DENY", deny, tcp=False)
@@ -915,17 +1069,20 @@ def _route_config(ctx: _Ctx, svc: l7.Service, sp: l7.ServicePort) -> dict:
         per_filter[RBAC_ALLOW] = _typed("rbac_per_route", rbac={"rules": _rbac_rules("ALLOW", allow, tcp=False)})
     if per_filter:
         vhost["typed_per_filter_config"] = per_filter
-    return {"@type": _TYPE["route"], "name": name, "virtual_hosts": [vhost], "validate_clusters": False}
 
 
 # --- L7 authorization ------------------------------------------------------------------------------
 
 
-def _policies_for(view: l7.WaypointView, svc: l7.Service) -> tuple[list[l7.L7Policy], list[l7.L7Policy]]:
+def _policies_for(view: l7.WaypointView,
+                  svc: l7.Service | None) -> tuple[list[l7.L7Policy], list[l7.L7Policy]]:
+    """(DENY, ALLOW) policies in scope of `svc`'s traffic, or of pod-addressed traffic
+    (`svc` None): those targeting the Gateway, and those targeting the Service."""
     wp = view.waypoint
     scoped = [p for p in sorted(view.policies, key=lambda p: p.key)
               if any((kind == "Gateway" and name == wp.name and p.namespace == wp.namespace)
-                     or (kind == "Service" and name == svc.name and p.namespace == svc.namespace)
+                     or (svc is not None and kind == "Service" and name == svc.name
+                         and p.namespace == svc.namespace)
                      for kind, name in p.targets)]
     return [p for p in scoped if p.action == "DENY"], [p for p in scoped if p.action == "ALLOW"]
 

@@ -20,6 +20,7 @@ removed/stopped (by PID) in the fixture's finally.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import http.client
 import ipaddress
@@ -148,11 +149,13 @@ ENDPOINTS = (("demo/echo", (EP_V1, EP_V2)), ("demo/echo-v1", (EP_V1,)), ("demo/e
              ("demo/other", (EP_V2,)), ("demo/raw", (EP_V1,)),
              ("demo/plain", (l7.Endpoint(pod="demo/v1", ip=IPS["v1"], identity=V1_ID, hbone=False),)))
 WAYPOINT = l7.Waypoint(namespace="demo", name="waypoint")
+EP_V1B = l7.Endpoint(pod="demo/v1b", ip="10.250.0.21", identity=V1_ID)     # a second pod of v1's identity
 
 
-def view(routes=(), policies=(), drs=()) -> l7.WaypointView:
+def view(routes=(), policies=(), drs=(), workloads=()) -> l7.WaypointView:
     return l7.WaypointView(waypoint=WAYPOINT, services=SERVICES, all_services=SERVICES, endpoints=ENDPOINTS,
-                           routes=tuple(routes), policies=tuple(policies), destination_rules=tuple(drs))
+                           routes=tuple(routes), policies=tuple(policies), destination_rules=tuple(drs),
+                           workloads=tuple(workloads))
 
 
 def route(name: str, parent: str, rules, created: str = "1", **kw) -> l7.HTTPRoute:
@@ -506,6 +509,10 @@ def world(tmp_path_factory):
                    (("echo", 80), ("echo-v1", 80), ("echo-v2", 80), ("other", 80), ("raw", 9000), ("plain", 80))}
         targets["other-client2"] = (f"{VIPS['other']}:80", "client2")
         targets["nowhere"] = (NOWHERE, "client")
+        # addressed to pods, not to Services (a waypoint for workloads)
+        for key, addr in (("pod-v1", f"{IPS['v1']}:8080"), ("pod-plain", f"{IPS['v1']}:8082"),
+                          ("pod-v2", f"{IPS['v2']}:8080"), ("pod-raw", f"{IPS['v1']}:9090")):
+            targets[key] = (addr, "client")
         client = EnvoyProcess(client_envoy_bootstrap(pki, leaves, targets), name="hbone-client",
                               netns=LAB["cli"], log_level="warning")
         stoppable.append(client)
@@ -624,7 +631,9 @@ def test_every_rendered_resource_passes_envoy_validate(tmp_path):
     pki = Pki(tmp_path)
     leaf = pki.leaf(WP_ID, "wp")
     config = tmp_path / "config"
-    files = we.render(full_view(), access_log=str(tmp_path / "access.log"), config_dir=str(config))
+    # pod-addressed traffic too (HTTP inspector, the IP matcher's pod ranges, encap clusters)
+    full = dataclasses.replace(full_view(), workloads=(EP_V1, EP_V2, EP_V1B))
+    files = we.render(full, access_log=str(tmp_path / "access.log"), config_dir=str(config))
     sec = we.secrets(cert_chain_pem=leaf.cert_pem, key_pem=leaf.key_pem, root_pem=pki.root_pem)
     # Envoy refuses a path_config_source naming a file that does not exist (yet)
     (config / "sds").mkdir(parents=True)
@@ -664,8 +673,16 @@ def test_rendered_shape():
     assert set(listeners) == {"connect_terminate", "main_internal",
                               f"connect_originate|{V1_ID[9:]}", f"connect_originate|{V2_ID[9:]}"}
     chains = {c["name"]: c for c in listeners["main_internal"]["filter_chains"]}
-    assert chains[rc_echo]["filter_chain_match"] == {
-        "destination_port": 80, "prefix_ranges": [{"address_prefix": "10.96.0.10", "prefix_len": 32}]}
+    assert all("filter_chain_match" not in c for c in chains.values())
+    tree = listeners["main_internal"]["filter_chain_matcher"]["matcher_tree"]
+    by_ip = {r["ranges"][0]["address_prefix"]: r for r in tree["custom_match"]["typed_config"]["range_matchers"]}
+    port_map = by_ip["10.96.0.10"]["on_match"]["matcher"]["matcher_tree"]["exact_match_map"]["map"]
+    assert port_map == {"80": {"action": {"name": rc_echo, "typed_config": {
+        "@type": "type.googleapis.com/google.protobuf.StringValue", "value": rc_echo}}}}
+    assert set(by_ip) == {"10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13", "10.96.0.14", "10.96.0.15",
+                          "10.96.0.20"}
+    assert [f["name"] for f in listeners["main_internal"]["listener_filters"]] == [
+        "envoy.filters.listener.original_dst"], "no HTTP inspector without pod-addressed traffic"
     hcm = chains[rc_echo]["filters"][0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]] == [
         "meshlane.rbac.deny", "meshlane.rbac.allow", "envoy.filters.http.fault",
@@ -1014,6 +1031,85 @@ def test_listener_change_keeps_connections_of_other_services(world):
         s.close()
         world.wp.push(view())
 
+
+
+def test_pod_addressed_shape():
+    v = dataclasses.replace(view(), workloads=(EP_V2, EP_V1, EP_V1B))
+    files = we.render(v, access_log="/l")
+    main = next(x for x in files["lds.yaml"]["resources"] if x["name"] == "main_internal")
+    v1_http, v1_tcp = (f"inbound-pod|{k}|{V1_ID[9:]}" for k in ("http", "tcp"))
+    chains = {c["name"]: c for c in main["filter_chains"]}
+    assert {v1_http, v1_tcp, f"inbound-pod|http|{V2_ID[9:]}", f"inbound-pod|tcp|{V2_ID[9:]}"} <= set(chains)
+    ranges = main["filter_chain_matcher"]["matcher_tree"]["custom_match"]["typed_config"]["range_matchers"]
+    v1 = next(r for r in ranges if r["ranges"][0]["address_prefix"] == IPS["v1"])
+    assert [r["address_prefix"] for r in v1["ranges"]] == [IPS["v1"], EP_V1B.ip]   # one pair of chains per identity
+    assert v1["on_match"]["matcher"]["on_no_match"]["action"]["name"] == v1_tcp
+    assert set(v1["on_match"]["matcher"]["matcher_tree"]["exact_match_map"]["map"]) == {"'http/1.1'", "'h2c'"}
+    inspector = main["listener_filters"][1]
+    assert inspector["name"] == "envoy.filters.listener.http_inspector"
+    # the raw Service's port is TCP only: no waiting there for a server-first protocol
+    assert inspector["filter_disabled"] == {"destination_port_range": {"start": 9000, "end": 9001}}
+    assert main["continue_on_listener_filters_timeout"] is True
+    assert [f["name"] for f in chains[v1_tcp]["filters"]] == ["envoy.filters.network.set_filter_state",
+                                                               "envoy.filters.network.tcp_proxy"]
+    assert chains[v1_tcp]["filters"][1]["typed_config"]["cluster"] == f"encap|{V1_ID[9:]}"
+    clusters = {c["name"]: c for c in files["cds.yaml"]["resources"]}
+    encap = clusters[f"encap|{V1_ID[9:]}"]
+    assert encap["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "envoy_internal_address": {"server_listener_name": f"connect_originate|{V1_ID[9:]}"}}
+    rc = files[we.rds_file(v1_http)]["resources"][0]
+    assert rc["virtual_hosts"][0]["routes"][0]["route"]["cluster"] == f"encap|{V1_ID[9:]}"
+    # policies: the Gateway's apply to pod-addressed traffic, a Service's do not
+    gw = l7.L7Policy(namespace="demo", name="gw", action="DENY", targets=(("Gateway", "waypoint"),),
+                     rules=(l7.L7Rule(operations=(l7.L7Operation(methods=("DELETE",)),)),))
+    svc = dataclasses.replace(gw, name="svc", targets=(("Service", "echo-v1"),))
+    got = we.render(dataclasses.replace(v, policies=(gw, svc)), access_log="/l")[we.rds_file(v1_http)]
+    vh = got["resources"][0]["virtual_hosts"][0]
+    assert list(vh["typed_per_filter_config"]["meshlane.rbac.deny"]["rbac"]["rules"]["policies"]) == [
+        "ns[demo]-policy[gw]-rule[0]"]
+    # a pod IP that is also a VIP, or listed twice, gets no second chain
+    twice = dataclasses.replace(v, workloads=(EP_V1, EP_V1, l7.Endpoint(pod="demo/x", ip=VIPS["echo"],
+                                                                     identity=CLIENT_ID)))
+    main = next(x for x in we.render(twice, access_log="/l")["lds.yaml"]["resources"] if x["name"] == "main_internal")
+    assert f"inbound-pod|http|{CLIENT_ID[9:]}" not in {c["name"] for c in main["filter_chains"]}
+
+
+def test_pod_addressed_traffic_through_the_waypoint(world):
+    """A waypoint for workloads: HTTP to a pod IP (any port) passes the HTTP filters and the
+    Gateway's policies and reaches that very pod and port, over HBONE to its identity; other
+    bytes go through as TCP."""
+    world.wp.push(view(workloads=(EP_V1, EP_V2)))
+    before = len(world.access_log())
+    # two ports of one pod (one identity, one encap cluster) and another pod, interleaved on
+    # new connections each time: each request reaches the port it was sent to
+    for _ in range(3):
+        for key, pod in (("pod-v1", "echo-v1"), ("pod-plain", "plain"), ("pod-v2", "echo-v2")):
+            assert world.pod(key, "/direct") == pod, key
+    # not HTTP: the HTTP inspector gives up and the bytes are proxied as they are
+    assert tcp_echo(world.ports["pod-raw"], b"raw bytes") == b"raw bytes"
+    deadline = time.monotonic() + 5       # a TCP line is written when the connection closes
+    while True:
+        logged = world.access_log()[before:]
+        if len(logged) == 10 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert {e["upstream_cluster"] for e in logged} == {f"encap|{V1_ID[9:]}", f"encap|{V2_ID[9:]}"}, logged
+    assert sorted(str(e.get("route_name")) for e in logged) == ["None"] + ["direct"] * 9, logged
+    assert world.pod("echo-v1") == "echo-v1"                              # Services beside it
+
+    # the Gateway's policies apply; with an HTTP-only DENY rule in scope, Istio's TCP
+    # semantics deny the TCP connection outright
+    deny = l7.L7Policy(namespace="demo", name="gw", action="DENY", targets=(("Gateway", "waypoint"),),
+                       rules=(l7.L7Rule(operations=(l7.L7Operation(methods=("DELETE",)),)),))
+    world.wp.push(view(policies=[deny], workloads=(EP_V1, EP_V2)))
+    assert world.get("pod-v1", "/x", method="DELETE")[0] == 403
+    assert world.get("pod-v2", "/x", method="PUT")[0] == 200
+    assert tcp_echo(world.ports["pod-raw"], b"raw bytes") == b""
+
+    # without the workloads in the view, a pod IP is not served: the stream just ends
+    world.wp.push(view())
+    with pytest.raises((OSError, http.client.HTTPException)):
+        world.get("pod-v1", "/")
 
 
 def test_h2c_client_through_the_waypoint(world):
