@@ -13,6 +13,8 @@ evaluator the ztunnel runs (meshcore.authz.evaluate), so the two cannot disagree
                 are certain and an allow is final: the connect stays direct and the two
                 sockets are spliced (fastpath.fast).  Pairs where either pod opted out,
                 the destination uses a waypoint, or the node switch is off keep ALLOW.
+                A destination whose own-IP traffic goes through a waypoint (waypoint-for
+                workload|all) gets no entries: its policies see the waypoint's identity.
   mesh_pol_in   at SYN time for plaintext into an enrolled pod of this node.  A plaintext
                 peer has no identity, so the verdict depends on the source address and
                 the port only: per port (and port 0), one LPM entry per source prefix any
@@ -53,6 +55,9 @@ class WorkloadView:
     identity: SpiffeId
     enrolled: bool
     fastpath: bool = True   # may take the same-node splice (no opt-out, no waypoint)
+    # connections to its own IP go through a waypoint (waypoint-for workload|all): its
+    # policies see the waypoint's identity, never the client's, so connect() decides nothing
+    waypoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ def compile_out(policies: list[Policy], workloads: Iterable[WorkloadView],
     local_uids = {lp.workload.uid for lp in local}
     dests = [w for w in workloads if w.enrolled and w.ip.version == 4]
     for d in dests:
+        if d.waypoint:
+            continue
         scoped = in_scope(policies, d.namespace, dict(d.labels))
         d_fast = fastpath and d.fastpath and d.uid in local_uids
         if not scoped and not d_fast:

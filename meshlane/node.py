@@ -15,6 +15,7 @@ Must not: proxy traffic or hold certificates.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -24,7 +25,7 @@ import time
 
 from meshcore import authz
 from meshcore import constants as C
-from meshcore import netns
+from meshcore import l7, l7parse, netns
 from meshcore.errors import MeshError, NotFoundError
 from meshcore.identity import SpiffeId
 from fastpath import fast as ffast
@@ -141,6 +142,7 @@ class NodeAgent:
         self.zds = ZdsServer(zds_socket, lambda: list(self.enrolled.values()))
         self.all_pods: dict[str, dict] = {}    # uid -> Pod object (every node: destinations)
         self.policies: dict[str, dict] = {}    # ns/name -> AuthorizationPolicy object
+        self.gateways: dict[str, dict] = {}    # ns/name -> Gateway (which waypoints take pod traffic)
         self.rev = 0                           # store revision of the last event seen
         self.trust_domain = C.DEFAULT_TRUST_DOMAIN
         self.changed = asyncio.Event()
@@ -156,6 +158,7 @@ class NodeAgent:
             self.all_pods = {uid_of(o): o for o in msg["objects"] if o["kind"] == "Pod"}
             self.namespaces = {o["metadata"]["name"]: o for o in msg["objects"] if o["kind"] == "Namespace"}
             self.policies = {uid_of(o): o for o in msg["objects"] if o["kind"] == authz.KIND}
+            self.gateways = {uid_of(o): o for o in msg["objects"] if o["kind"] == "Gateway"}
             self.synced.set()
         else:
             o = msg["object"]
@@ -169,6 +172,11 @@ class NodeAgent:
                     self.policies.pop(uid_of(o), None)
                 else:
                     self.policies[uid_of(o)] = o
+            elif o["kind"] == "Gateway":
+                if msg["event"] == "delete":
+                    self.gateways.pop(uid_of(o), None)
+                else:
+                    self.gateways[uid_of(o)] = o
             elif o["kind"] == "Namespace":
                 if msg["event"] == "delete":
                     self.namespaces.pop(o["metadata"]["name"], None)
@@ -185,7 +193,7 @@ class NodeAgent:
         while True:
             try:
                 async for msg in control_client.watch(self.control_socket,
-                                                      ["Pod", "Namespace", authz.KIND]):
+                                                      ["Pod", "Namespace", authz.KIND, "Gateway"]):
                     self._on_event(msg)
             except MeshError as exc:
                 log.warning("control watch: %s; retrying", exc)
@@ -248,21 +256,37 @@ class NodeAgent:
         log.info("unenrolled %s", uid)
 
     # --- L4 policy in the kernel ----------------------------------------------------------
+    def _waypoints(self) -> dict[str, l7.Waypoint]:
+        out = {}
+        for key, o in self.gateways.items():
+            try:
+                wp = l7parse.waypoint_of(o)
+            except MeshError:
+                continue          # not a waypoint, or one the control plane would not take
+            out[wp.key] = wp
+        return out
+
     def _views(self) -> tuple[list[fpolicy.WorkloadView], list[fpolicy.LocalPod]]:
         views = {}
+        waypoints = self._waypoints()
+        ns_labels = {n: dict((o.get("metadata") or {}).get("labels") or {}) for n, o in self.namespaces.items()}
         for uid, o in self.all_pods.items():
             ip = (o.get("status") or {}).get("podIP")
             if not ip:
                 continue
             meta, spec = o["metadata"], o.get("spec") or {}
             ns = meta.get("namespace", "default")
+            labels = meta.get("labels") or {}
+            status = o.get("status") or {}
             views[uid] = fpolicy.WorkloadView(
-                uid=uid, namespace=ns, labels=tuple(sorted((meta.get("labels") or {}).items())),
+                uid=uid, namespace=ns, labels=tuple(sorted(labels.items())),
                 ip=ipaddress.IPv4Address(ip),
                 identity=SpiffeId(trust_domain=self.trust_domain, namespace=ns,
                                   service_account=spec.get("serviceAccountName", "default")),
-                enrolled=bool((o.get("status") or {}).get("enrolled")),
-                fastpath=wants_fastpath(o, self.namespaces))
+                enrolled=bool(status.get("enrolled")),
+                fastpath=wants_fastpath(o, self.namespaces),
+                waypoint=not status.get("waypoint") and l7.waypoint_for_workload(
+                    ns, labels, ns_labels.get(ns, {}), waypoints) is not None)
         local = [fpolicy.LocalPod(pod_id=fpod.pod_number(fpod.pod_key(*uid.split("/", 1))),
                                   workload=views[uid])
                  for uid in self.enrolled if uid in views]
@@ -271,9 +295,7 @@ class NodeAgent:
         for lp in local:
             if not lp.workload.enrolled:
                 w = lp.workload
-                views[w.uid] = fpolicy.WorkloadView(uid=w.uid, namespace=w.namespace, labels=w.labels,
-                                                    ip=w.ip, identity=w.identity, enrolled=True,
-                                                    fastpath=w.fastpath)
+                views[w.uid] = dataclasses.replace(w, enrolled=True)
         return list(views.values()), local
 
     def compile_policies(self) -> dict:

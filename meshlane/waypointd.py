@@ -18,7 +18,8 @@ Envoy its configuration.  In the netns lab one process per lab (`run(lab)`, star
   if it dies, the tail of envoy.log goes into the Gateway status and it is restarted with
   backoff (1 s doubling to 30 s);
 * **config**: `slowpath.waypoint_envoy.render` of an `l7.WaypointView` built here from
-  the store (Services it serves, the namespace's Services and their endpoints, HTTPRoutes,
+  the store (Services it serves, the namespace's Services and their endpoints, the pods
+  whose pod-IP traffic it takes when it is for workload|all, HTTPRoutes,
   DestinationRules, L7 AuthorizationPolicies), pushed as files (see "Push order");
 * **status**: `status.addresses` (set while its Envoy runs), condition `Programmed`
   and `status.meshlane` (pod, node, netns, ip, identity, envoyPid, adminPort, dir,
@@ -393,24 +394,37 @@ def world_of(objects: list[dict], trust_domain: str = C.DEFAULT_TRUST_DOMAIN,
     return w
 
 
-def endpoints_of(svc: l7.Service, pods: dict[str, dict], trust_domain: str) -> tuple[l7.Endpoint, ...]:
-    out = []
+def _pod_endpoints(pods: dict[str, dict], trust_domain: str):
+    """(namespace, labels, Endpoint) of every pod with an IP, waypoints left out."""
     for o in pods.values():
         meta, spec, status = o.get("metadata") or {}, o.get("spec") or {}, o.get("status") or {}
         ns = meta.get("namespace") or "default"
         if not status.get("podIP") or status.get("waypoint"):
             continue
-        if not svc.selects(ns, meta.get("labels") or {}):
-            continue
         sa = spec.get("serviceAccountName") or "default"
-        out.append(l7.Endpoint(pod=f"{ns}/{meta['name']}", ip=str(status["podIP"]),
-                               identity=f"spiffe://{trust_domain}/ns/{ns}/sa/{sa}",
-                               hbone=bool(status.get("enrolled"))))
+        yield ns, meta.get("labels") or {}, l7.Endpoint(
+            pod=f"{ns}/{meta['name']}", ip=str(status["podIP"]),
+            identity=f"spiffe://{trust_domain}/ns/{ns}/sa/{sa}", hbone=bool(status.get("enrolled")))
+
+
+def endpoints_of(svc: l7.Service, pods: dict[str, dict], trust_domain: str) -> tuple[l7.Endpoint, ...]:
+    out = [e for ns, labels, e in _pod_endpoints(pods, trust_domain) if svc.selects(ns, labels)]
+    return tuple(sorted(out, key=lambda e: (e.pod, e.ip)))
+
+
+def workloads_of(world: "World", wp: l7.Waypoint) -> tuple[l7.Endpoint, ...]:
+    """Enrolled pods whose pod-IP-addressed traffic `wp` takes (it is for workload|all and
+    they or their namespace use it), as the ztunnels decide it."""
+    out = [e for ns, labels, e in _pod_endpoints(world.pods, world.trust_domain)
+           if e.hbone and (found := l7.waypoint_for_workload(ns, labels, world.ns_labels.get(ns, {}),
+                                                             world.waypoints)) is not None
+           and found.key == wp.key]
     return tuple(sorted(out, key=lambda e: (e.pod, e.ip)))
 
 
 def view_of(world: World, wp: l7.Waypoint) -> l7.WaypointView:
-    """What `wp`'s Envoy serves.  `services`: the Services that use it; `all_services`:
+    """What `wp`'s Envoy serves.  `services`: the Services that use it; `workloads`: the
+    pods whose own-IP traffic it takes; `all_services`:
     every Service of its namespace (and of the namespaces of the Services it serves, for
     a waypoint used across namespaces), each with its endpoints; routes and
     DestinationRules of those namespaces; L7 policies that target the Gateway or one of
@@ -435,7 +449,7 @@ def view_of(world: World, wp: l7.Waypoint) -> l7.WaypointView:
 
     return l7.WaypointView(
         waypoint=wp, trust_domain=world.trust_domain, services=tuple(served),
-        all_services=tuple(all_services), endpoints=endpoints,
+        all_services=tuple(all_services), endpoints=endpoints, workloads=workloads_of(world, wp),
         routes=tuple(sorted((r for r in world.routes if r.namespace in namespaces), key=lambda r: r.key)),
         destination_rules=tuple(sorted((d for d in world.destination_rules if d.namespace in namespaces),
                                        key=lambda d: d.key)),

@@ -170,3 +170,11 @@ class ServiceStore:
 
     def waypoint_for(self, svc: l7.Service) -> l7.Waypoint | None:
         return l7.waypoint_for_service(svc, self.ns_labels.get(svc.namespace, {}), self.waypoints)
+
+    def waypoint_for_workload(self, w: Workload) -> l7.Waypoint | None:
+        """The waypoint for traffic addressed to `w`'s own IP: only an enrolled pod's
+        (the waypoint reaches it over HBONE), never a waypoint's own pod."""
+        if not w.enrolled or w.waypoint:
+            return None
+        return l7.waypoint_for_workload(w.namespace, dict(w.labels), self.ns_labels.get(w.namespace, {}),
+                                        self.waypoints)

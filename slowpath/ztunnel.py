@@ -8,7 +8,9 @@ certificate (CSR to the control plane, renewed at half-life), and the connection
   outbound  original destination from mesh_orig_dst.  A Service VIP: through the
             Service's waypoint if it uses one (HBONE to the waypoint pod, :authority
             VIP:port), else to one of its endpoints picked at random (port -> targetPort).
-            Enrolled workload: HBONE CONNECT to <dst ip>:15008 from a socket in the
+            Enrolled workload whose waypoint takes workload traffic (waypoint-for
+            workload|all): the same, :authority its IP:port.  Other enrolled workload:
+            HBONE CONNECT to <dst ip>:15008 from a socket in the
             source pod (mark 0x539), pooled per (src identity, dst identity, dst, src
             ip); otherwise plain TCP passthrough from the pod.
   inbound   15008: mTLS, CONNECT -> L4 authorization on the peer certificate's identity
@@ -287,7 +289,10 @@ class Ztunnel:
                 await self._to_service(pod, app, peer[1], dst, svc)
                 return
             target = self.workloads.find(dst[0])
-            if target is not None and target.enrolled:
+            wp = self.services.waypoint_for_workload(target) if target is not None else None
+            if wp is not None:
+                await self._via_waypoint(pod, app, peer[1], dst, wp, what=f"workload {target.uid}")
+            elif target is not None and target.enrolled:
                 await self._hbone_out(pod, app, peer[1], dst, target)
             else:
                 await self._passthrough(pod, app, dst)
@@ -303,30 +308,38 @@ class Ztunnel:
         L7 policy), else straight to a random endpoint.  Fails closed (the app sees a
         reset) when the port is not the Service's, the waypoint has no pod yet, or there
         is no endpoint."""
-        def refuse(reason: str) -> None:
-            self.record(direction="outbound", src=pod.uid, src_identity=pod.spiffe.uri,
-                        dst=f"{dst[0]}:{dst[1]}", service=svc.key, error="NO_ROUTE", reason=reason)
-            app.transport.abort()
         sp = svc.port(dst[1])
         if sp is None:
-            return refuse(f"Service {svc.key} has no port {dst[1]}")
+            return self._refuse(pod, app, dst, f"Service {svc.key} has no port {dst[1]}", service=svc.key)
         wp = self.services.waypoint_for(svc)
         if wp is not None:
-            wpod = self.workloads.waypoint_pod(wp)
-            if wpod is None:
-                return refuse(f"waypoint {wp.key} of Service {svc.key} has no running pod")
-            await self._hbone_out(pod, app, client_port, dst, wpod,
-                                  extra={"service": svc.key, "waypoint": wp.key})
+            await self._via_waypoint(pod, app, client_port, dst, wp, what=f"Service {svc.key}",
+                                     service=svc.key)
             return
         eps = self.workloads.endpoints(svc)
         if not eps:
-            return refuse(f"Service {svc.key} has no endpoints")
+            return self._refuse(pod, app, dst, f"Service {svc.key} has no endpoints", service=svc.key)
         ep = random.choice(eps)
         ep_dst = (str(ep.ip), sp.target_port)
         if ep.enrolled:
             await self._hbone_out(pod, app, client_port, ep_dst, ep, extra={"service": svc.key})
         else:
             await self._passthrough(pod, app, ep_dst, extra={"service": svc.key})
+
+    def _refuse(self, pod: LocalPod, app: AppSide, dst: tuple[str, int], reason: str, **extra) -> None:
+        self.record(direction="outbound", src=pod.uid, src_identity=pod.spiffe.uri,
+                    dst=f"{dst[0]}:{dst[1]}", **extra, error="NO_ROUTE", reason=reason)
+        app.transport.abort()
+
+    async def _via_waypoint(self, pod: LocalPod, app: AppSide, client_port: int, dst: tuple[str, int],
+                            wp, *, what: str, **extra) -> None:
+        """HBONE to `wp`'s pod asking for `dst` (a VIP:port or a pod's IP:port): the
+        waypoint applies L7 policy and picks the endpoint.  No pod yet: refused."""
+        wpod = self.workloads.waypoint_pod(wp)
+        if wpod is None:
+            return self._refuse(pod, app, dst, f"waypoint {wp.key} of {what} has no running pod",
+                                **extra, waypoint=wp.key)
+        await self._hbone_out(pod, app, client_port, dst, wpod, extra={**extra, "waypoint": wp.key})
 
     async def _passthrough(self, pod: LocalPod, app: AppSide, dst: tuple[str, int], *,
                            extra: dict | None = None) -> None:

@@ -301,6 +301,49 @@ def test_bypass_is_refused_once_the_destination_asks(wlab):
     _settle(wlab, lambda: not refused())
 
 
+def test_waypoint_for_all_takes_pod_addressed_traffic(wlab):
+    """`--for all`: a connection to a pod's own IP goes through the waypoint too (here from
+    a pod on the same node, where the kernel would otherwise splice it), so a destination
+    that admits only the waypoint still serves it, and the Gateway's L7 policies apply."""
+    v1 = labmod.resolve_pod(wlab.name, "echo-v1")["ip"]
+    client = wlab.pods["client-1"]["netns"]            # node1, as echo-v1
+    ok(wlab.cli("waypoint", "apply", "-n", "demo", "--for", "all"))
+    ok(wlab.apply(yaml.safe_dump({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "only-waypoint", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "ALLOW",
+                 "rules": [{"from": [{"source": {"principals": [WAYPOINT_ID.removeprefix("spiffe://")]}}]}]}})))
+    ok(wlab.apply(yaml.safe_dump({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-x-block", "namespace": "demo"},
+        "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+                 "action": "DENY",
+                 "rules": [{"when": [{"key": "request.headers[x-block]", "values": ["yes"]}]}]}}), "gwdeny.yaml"))
+
+    def direct(headers=None):
+        return http_call(client, v1, 8080, "GET", "/direct", headers=headers, timeout=3)
+    _settle(wlab, lambda: direct()[0] == 200 and direct({"x-block": "yes"})[0] == 403)
+    status, _, body = direct()
+    assert status == 200 and json.loads(body)["pod"] == "echo-v1"
+    assert json.loads(body)["headers"].get("x-forwarded-proto") == "http", "an Envoy handled it"
+    assert direct({"x-block": "yes"})[0] == 403
+    out = wait_record(wlab.name, "node1", lambda r: r.get("direction") == "outbound"
+                      and r.get("dst") == f"{v1}:8080" and r.get("waypoint") == "demo/waypoint")
+    assert out["dst_identity"] == WAYPOINT_ID and out["status"] == 200, out
+    # back to Service traffic only: the pod-addressed connection goes direct and is refused
+    ok(wlab.cli("waypoint", "apply", "-n", "demo", "--for", "service"))
+
+    def refused() -> bool:
+        try:
+            return direct()[0] != 200
+        except OSError:
+            return True
+    _settle(wlab, refused)
+    for name in ("only-waypoint", "no-x-block"):
+        ok(wlab.cli("delete", "authorizationpolicy", name, "-n", "demo"))
+    _settle(wlab, lambda: direct()[0] == 200)
+
+
 def test_removing_the_label_sends_traffic_directly_again(wlab):
     ok(wlab.cli("label", "namespace", "demo", "istio.io/use-waypoint-"))
     seen = set()

@@ -2,6 +2,7 @@
 the kernel compiler checked against the evaluator it partially evaluates."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 
@@ -227,6 +228,22 @@ def test_compiled_entries_agree_with_the_evaluator_everywhere(node_fastpath):
             continue
         got = max(cands)[1]
         assert (got[0] == C.VERDICT_ALLOW) == want.allow, (str(ip), d.uid, port, want)
+
+
+def test_a_destination_behind_a_workload_waypoint_gets_no_connect_entries():
+    """Its policies are checked against the waypoint's identity at its own ztunnel: a
+    verdict on the client's identity at connect() would be wrong (d2 denies front/web's
+    callers without a principal; a1 admits only namespace front to back/api)."""
+    policies = [authz.parse(p).policy for p in POLICIES]
+    views = _views()
+    local = [fpolicy.LocalPod(pod_id=i + 1, workload=v) for i, v in enumerate(views) if v.enrolled]
+    before = fpolicy.compile_out(policies, views, local)
+    api_ip = "10.244.1.11"
+    assert any(k[1] == api_ip for k in before)
+    behind = [dataclasses.replace(v, waypoint=True) if v.uid == "back/api" else v for v in views]
+    after = fpolicy.compile_out(policies, behind, local)
+    assert not any(k[1] == api_ip for k in after)
+    assert {k: v for k, v in before.items() if k[1] != api_ip} == after
 
 
 def test_rule_ids_are_stable_and_named():
