@@ -76,10 +76,18 @@ class WorkloadStore:
         self.by_ip: dict[ipaddress.IPv4Address, Workload] = {}
         self.by_uid: dict[str, Workload] = {}
         self.synced = False
+        # per-connection lookups, rebuilt lazily after any workload change
+        self._selected: dict[tuple, tuple[Workload, ...]] = {}   # (namespace, selector) -> endpoints
+        self._waypoint_pods: dict[tuple[str, str], Workload] | None = None
+
+    def _changed(self) -> None:
+        self._selected.clear()
+        self._waypoint_pods = None
 
     def replace_all(self, pods: list[dict]) -> None:
         self.by_ip.clear()
         self.by_uid.clear()
+        self._changed()
         for p in pods:
             self.put(p)
         self.synced = True
@@ -87,6 +95,7 @@ class WorkloadStore:
     def put(self, pod: dict) -> None:
         uid = uid_of(pod)
         self.delete(uid)
+        self._changed()
         w = Workload.from_pod(pod, self.trust_domain)
         if w is not None:
             self.by_ip[w.ip] = w
@@ -94,8 +103,10 @@ class WorkloadStore:
 
     def delete(self, uid: str) -> None:
         old = self.by_uid.pop(uid, None)
-        if old is not None and self.by_ip.get(old.ip) is old:
-            del self.by_ip[old.ip]
+        if old is not None:
+            self._changed()
+            if self.by_ip.get(old.ip) is old:
+                del self.by_ip[old.ip]
 
     def find(self, ip) -> Workload | None:
         try:
@@ -103,18 +114,26 @@ class WorkloadStore:
         except ValueError:
             return None
 
-    def endpoints(self, svc: l7.Service) -> list[Workload]:
-        """The pods a Service selects (waypoint pods never), in a stable order."""
-        return sorted((w for w in self.by_uid.values()
-                       if not w.waypoint and svc.selects(w.namespace, dict(w.labels))),
-                      key=lambda w: w.uid)
+    def endpoints(self, svc: l7.Service) -> tuple[Workload, ...]:
+        """The pods a Service selects (waypoint pods never), in a stable order.  Asked on
+        every connection to a VIP: the answer is kept until a workload changes."""
+        key = (svc.namespace, svc.selector)
+        got = self._selected.get(key)
+        if got is None:
+            got = tuple(sorted((w for w in self.by_uid.values()
+                                if not w.waypoint and svc.selects(w.namespace, dict(w.labels))),
+                               key=lambda w: w.uid))
+            self._selected[key] = got
+        return got
 
     def waypoint_pod(self, wp: l7.Waypoint) -> Workload | None:
-        for w in self.by_uid.values():
-            if w.waypoint and w.namespace == wp.namespace and \
-                    dict(w.labels).get(l7.LABEL_GATEWAY_NAME) == wp.name:
-                return w
-        return None
+        if self._waypoint_pods is None:
+            self._waypoint_pods = {}
+            for w in sorted(self.by_uid.values(), key=lambda w: w.uid):
+                gw = dict(w.labels).get(l7.LABEL_GATEWAY_NAME)
+                if w.waypoint and gw:
+                    self._waypoint_pods.setdefault((w.namespace, gw), w)
+        return self._waypoint_pods.get((wp.namespace, wp.name))
 
 
 class ServiceStore:

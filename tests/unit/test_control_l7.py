@@ -111,3 +111,31 @@ def test_ztunnel_view_endpoints_and_waypoints():
     assert st.waypoint_for(s) is None
     st.delete(echo)
     assert st.at("10.96.0.10") is None
+
+
+def test_ztunnel_lookups_follow_workload_changes():
+    """endpoints() and waypoint_pod() are answered from a cache: every Pod change shows."""
+    wl = WorkloadStore()
+    wl.replace_all([pod("e1", "10.244.1.10", {"app": "echo"})])
+    echo = svc("echo")
+    echo["spec"]["clusterIP"] = "10.96.0.10"
+    st = ServiceStore()
+    st.replace_all([echo, gateway("wp", waypoint_for="all")])
+    s, wp = st.at("10.96.0.10"), st.waypoints["demo/wp"]
+    assert [w.name for w in wl.endpoints(s)] == ["e1"] and wl.waypoint_pod(wp) is None
+    wl.put(pod("e2", "10.244.2.10", {"app": "echo"}))
+    wl.put(pod("wp-1", "10.244.1.250", {"gateway.networking.k8s.io/gateway-name": "wp"}, waypoint=True))
+    assert [w.name for w in wl.endpoints(s)] == ["e1", "e2"]
+    assert wl.waypoint_pod(wp).name == "wp-1"
+    wl.put(pod("e1", "10.244.1.10", {"app": "not-echo"}))          # relabelled
+    wl.delete("demo/wp-1")
+    assert [w.name for w in wl.endpoints(s)] == ["e2"] and wl.waypoint_pod(wp) is None
+    # pod-IP traffic: only an enrolled pod that (or whose namespace) uses a workload waypoint
+    e2 = wl.find("10.244.2.10")
+    assert st.waypoint_for_workload(e2) is None
+    st.put({"kind": "Namespace", "metadata": {"name": "demo", "labels": {"istio.io/use-waypoint": "wp"}}})
+    assert st.waypoint_for_workload(e2).key == "demo/wp"
+    wl.put(pod("e3", "10.244.2.11", {"app": "echo"}, enrolled=False))
+    assert st.waypoint_for_workload(wl.find("10.244.2.11")) is None
+    st.put(gateway("wp", waypoint_for="service"))
+    assert st.waypoint_for_workload(e2) is None
