@@ -3,7 +3,9 @@
 Starts the lab (or reuses a running one), sends an HTTP request from client-1 (node1) to
 server-2 (node2) while capturing on node1's underlay interface, and prints: that the
 request worked and whom the server saw; what the capture held (only TLS to 15008, none of
-the request's bytes); the identities each side presented.  Leaves the lab running.
+the request's bytes); the identities each side presented.  Then the same-node fast path,
+an L4 DENY decided at connect(), and a waypoint (Envoy) applying an L7 policy to the
+Service `server`; the policy and the waypoint are removed again.  Leaves the lab running.
 """
 from __future__ import annotations
 
@@ -73,6 +75,83 @@ def _policy_step(name: str, c1: dict, s2: dict) -> tuple[str, bool]:
     return (f"policy    with DENY demo/demo-deny-9090 applied, client-1's connect to server-2:9090 was "
             f"{outcome} in {took:.2f} ms at connect() in node1's kernel (policy_out_deny {before} -> "
             f"{after}, no packet sent); policy removed again"), outcome == "refused" and after == before + 1
+
+
+DEMO_NO_DELETE = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                  "metadata": {"name": "demo-no-delete", "namespace": "demo"},
+                  "spec": {"targetRefs": [{"kind": "Service", "group": "", "name": "server"}],
+                           "action": "DENY", "rules": [{"to": [{"operation": {"methods": ["DELETE"]}}]}]}}
+
+
+def _cli(name: str, *args: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "meshlane.cli", *args, "--lab", name],
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise MeshError(f"`meshlane {' '.join(args)}` failed: {res.stderr.strip()}")
+
+
+def _waypoint_step(name: str, c1: dict) -> tuple[str, bool]:
+    """Service `server` through a waypoint: GET is served, DELETE refused by an L7 policy."""
+    from slowpath import control_client
+    sock = str(labmod.LabPaths(name).control_socket)
+    vip = control_client.call(sock, "get", kind="Service", namespace="demo",
+                              name="server")["objects"][0]["spec"]["clusterIP"]
+
+    def call(method: str) -> tuple[int, dict]:
+        with netns.entered(c1["netns"]):
+            s = socket.socket()
+        s.settimeout(5)
+        with s:
+            s.connect((vip, 80))
+            s.sendall(f"{method} /demo HTTP/1.1\r\nHost: server.demo\r\nConnection: close\r\n\r\n".encode())
+            resp = b""
+            while chunk := s.recv(65536):
+                resp += chunk
+        head, _, body = resp.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 "):
+            raise ConnectionError("closed without an HTTP answer")   # config on its way
+        status = int(head.split(b" ")[1])
+        return status, (json.loads(body) if status == 200 else {})
+
+    _cli(name, "waypoint", "apply", "-n", "demo")
+    try:
+        _cli(name, "label", "service", "server", "-n", "demo", "istio.io/use-waypoint=waypoint")
+        control_client.call(sock, "apply", objects=[DEMO_NO_DELETE], src="demo")
+        deadline = time.monotonic() + 20
+        got, denied = (0, {}), 0
+        while time.monotonic() < deadline:
+            try:
+                got, denied = call("GET"), call("DELETE")[0]
+            except OSError:
+                pass
+            # through Envoy (it adds x-forwarded-proto) and the policy is in place
+            if got[0] == 200 and "x-forwarded-proto" in got[1].get("headers", {}) and denied == 403:
+                break
+            time.sleep(0.3)
+        gw = control_client.call(sock, "get", kind="Gateway", namespace="demo", name="waypoint")["objects"][0]
+        info = (gw.get("status") or {}).get("meshlane") or {}
+        seen = ""
+        for node in ("node1", "node2"):
+            code, body = labmod.http_get_in_netns(f"{name}-{node}", C.PORT_ADMIN, "/connections")
+            conns = json.loads(body) if code == 200 else {}
+            # Envoy keeps its upstream connections: the tunnel may still be open
+            recs = [r for r in conns.get("recent", []) + conns.get("open", [])
+                    if r.get("direction") == "inbound" and r.get("src") == info.get("ip")
+                    and r.get("status") == 200]
+            seen = recs[-1]["src_identity"] if recs else seen
+    finally:
+        for cleanup in (lambda: control_client.call(sock, "delete_objects", objects=[DEMO_NO_DELETE]),
+                        lambda: _cli(name, "label", "service", "server", "-n", "demo", "istio.io/use-waypoint-"),
+                        lambda: _cli(name, "waypoint", "delete", "-n", "demo", "waypoint")):
+            try:
+                cleanup()
+            except MeshError as exc:
+                print(f"meshlane: demo cleanup: {exc}", file=sys.stderr)
+    ok = got[0] == 200 and denied == 403 and seen == info.get("identity")
+    return (f"waypoint  Service server ({vip}:80) through waypoint demo/waypoint (Envoy pid "
+            f"{info.get('envoyPid')}, pod {info.get('pod')}): GET -> {got[0]} from "
+            f"{got[1].get('pod', '?')}, DELETE -> {denied} (L7 DENY demo/demo-no-delete); the "
+            f"server's ztunnel saw peer {seen or '?'}; waypoint and policy removed again"), ok
 
 
 def _fast_step(name: str, c1: dict, s1: dict) -> tuple[str, bool]:
@@ -149,13 +228,15 @@ def main() -> int:
         print(line)
         line, denied = _policy_step(name, c1, s2)
         print(line)
+        line, l7_ok = _waypoint_step(name, c1)
+        print(line)
         print(f"lab       still running: `meshlane lab status`, `meshlane zc workloads`, "
               f"`meshlane lab exec client-1 -- curl http://{s2['ip']}:8080/`; "
               f"tear down with `meshlane lab down`")
         pcap.unlink(missing_ok=True)
         pcap.parent.rmdir()
         return 0 if (not leaked and only_hbone and answer.get("pod") == "server-2" and denied
-                     and spliced) else 1
+                     and spliced and l7_ok) else 1
     except MeshError as exc:
         print(f"meshlane: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -73,9 +73,11 @@ namespaces:
   legacy: {labels: {}}
 pods:
   - {name: client-1, node: node1, namespace: demo, serviceAccount: client, app: none}
-  - {name: server-1, node: node1, namespace: demo, serviceAccount: server, app: http}
-  - {name: server-2, node: node2, namespace: demo, serviceAccount: server, app: http}
+  - {name: server-1, node: node1, namespace: demo, serviceAccount: server, app: http, labels: {app: server}}
+  - {name: server-2, node: node2, namespace: demo, serviceAccount: server, app: http, labels: {app: server}}
   - {name: legacy-2, node: node2, namespace: legacy, serviceAccount: default, app: none}
+services:
+  - {name: server, namespace: demo, ports: [{name: http, port: 80, targetPort: 8080}], selector: {app: server}}
 """
 
 

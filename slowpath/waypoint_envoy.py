@@ -26,8 +26,8 @@ Shape (Istio's waypoint is the model)::
   ──internal──► listener main_internal (internal_listener, listener filter original_dst:
       local/remote address restored from that filter state), one filter chain per served
       (VIP, port), chosen by a filter_chain_matcher on destination IP, then port; no match:
-      no chain, Envoy closes the internal connection (the HBONE client got its 200 already
-      and then sees the stream end).
+      the default chain proxies to BlackHoleCluster (no endpoints), which closes the
+      internal connection (the HBONE client got its 200 already and then sees the stream end).
         HTTP port: HCM codec AUTO (HTTP/1.1, h2c), RDS "inbound-vip|<port>|http|<host>",
           http_filters fixed: meshlane.rbac.deny, meshlane.rbac.allow,
           envoy.filters.http.fault, envoy.filters.http.local_ratelimit, router; JSON
@@ -166,6 +166,7 @@ ADMIN_PORT = C.PORT_ADMIN
 # Names that operators and tests look for in /config_dump and /stats.
 CONNECT_TERMINATE = "connect_terminate"
 MAIN_INTERNAL = "main_internal"
+BLACKHOLE = "BlackHoleCluster"          # main_internal's default chain and its endpoint-less cluster
 CONNECT_ORIGINATE = "connect_originate"
 PEER_PRINCIPAL_KEY = "io.meshlane.peer_principal"
 ORIGINAL_DST_LOCAL = "envoy.filters.listener.original_dst.local_ip"
@@ -545,7 +546,8 @@ def render(view: l7.WaypointView, *, access_log: str,
     listeners = [_connect_terminate(config_dir, td),
                  _main_internal(chains, vip_ports, pod_chains, sniff_off=sorted(tcp_ports - http_ports))]
     listeners += [_connect_originate_listener(i) for i in identities]
-    clusters = [_main_internal_cluster(), *[_connect_originate_cluster(i, config_dir) for i in identities],
+    clusters = [_main_internal_cluster(), _blackhole_cluster(),
+                *[_connect_originate_cluster(i, config_dir) for i in identities],
                 *[_encap_cluster(i) for i in sorted(pod_chains)], *clusters]
     files["cds.yaml"] = _discovery([{"@type": _TYPE["cluster"], **c} for c in clusters])
     files["lds.yaml"] = _discovery([{"@type": _TYPE["listener"], **lst} for lst in listeners])
@@ -619,8 +621,12 @@ def _main_internal(chains: list[dict], vip_ports: dict[str, dict[int, str]],
         "stat_prefix": MAIN_INTERNAL,
         "internal_listener": {},
         "listener_filters": [_original_dst_listener_filter()],
-        # No default chain: a destination that is not served is closed at once.
         "filter_chains": chains,
+        # A destination that is not served (and a waypoint that serves nothing yet, which
+        # Envoy would refuse as a listener without chains) is closed at once.
+        "default_filter_chain": {"name": BLACKHOLE, "filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": _typed("tcp_proxy", stat_prefix=BLACKHOLE, cluster=BLACKHOLE)}]},
     }
     if chains:
         listener["filter_chain_matcher"] = _chain_matcher(vip_ports, pod_chains)
@@ -776,6 +782,11 @@ def _connect_originate_cluster(identity: str, config_dir: str) -> dict:
         # No "sni": HBONE sends no server name.
         "transport_socket": {"name": _TLS_SOCKET, "typed_config": tls},
     }
+
+
+def _blackhole_cluster() -> dict:
+    return {"name": BLACKHOLE, "type": "STATIC", "connect_timeout": _duration(CONNECT_TIMEOUT_S),
+            "load_assignment": {"cluster_name": BLACKHOLE, "endpoints": []}}
 
 
 def _encap_cluster(identity: str) -> dict:

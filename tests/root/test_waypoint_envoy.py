@@ -648,6 +648,11 @@ def test_every_rendered_resource_passes_envoy_validate(tmp_path):
         (config / rel).write_text(we.to_yaml(files[rel]))
     rc, out = validate(we.to_yaml(we.bootstrap(node_id="n", config_dir=str(config))))
     assert rc == 0, out[-2000:]
+    # a waypoint that serves nothing yet (Envoy refuses a listener without any chain)
+    empty = l7.WaypointView(waypoint=WAYPOINT)
+    rc, out = validate(we.to_yaml(static_bootstrap(we.render(empty, access_log="/dev/null", config_dir=str(config)),
+                                                   sec, str(config))))
+    assert rc == 0, out[-2000:]
     bad = we.render(view([route("bad", "echo", [rule(0, ("echo-v1", 1), matches=(
         l7.RouteMatch(path_type="RegularExpression", path="/[unclosed"),))])]), access_log="/dev/null",
         config_dir=str(config))
