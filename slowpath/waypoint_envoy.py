@@ -78,8 +78,8 @@ Precedence of HTTPRoute matches (Gateway API; the order of Envoy routes in a vir
 
 Authorization (Istio semantics, one Envoy policy per Istio rule, named
 ``ns[<ns>]-policy[<name>]-rule[<i>]``): policies targeting the Gateway apply to every Service
-of the waypoint and to pod-addressed traffic, those targeting a Service to its virtual hosts (and TCP chains).  DENY
-policies go to ``meshlane.rbac.deny`` (action DENY), ALLOW policies to
+of the waypoint and to pod-addressed traffic, those targeting a Service to its virtual hosts
+(and TCP chains).  DENY policies go to ``meshlane.rbac.deny`` (action DENY), ALLOW policies to
 ``meshlane.rbac.allow`` (action ALLOW; with ALLOW policies in scope but no rule left, it
 allows nothing); with none in scope the per-route config is absent and the listener's
 rule-less RBAC config lets everything through.  Denied requests get 403 "RBAC: access
@@ -527,10 +527,12 @@ def render(view: l7.WaypointView, *, access_log: str,
     # pod-IP-addressed traffic (waypoint_for workload|all): any port, HTTP told from TCP by
     # the HTTP inspector, one pair of chains per destination identity
     pod_chains: dict[str, tuple[str, list[str]]] = {}     # identity -> (http chain, ips)
+    taken = set(vip_ports)
     for w in sorted(view.workloads, key=lambda e: (e.identity, e.ip)):
         ip = str(ipaddress.ip_address(w.ip))
-        if ip in vip_ports or any(ip in ips for _, ips in pod_chains.values()):
-            continue
+        if ip in taken:
+            continue            # a VIP, or a pod listed twice
+        taken.add(ip)
         if w.identity not in pod_chains:
             rc = _direct_route_config(view, w.identity)
             files[rds_file(rc["name"])] = _discovery([rc])
