@@ -19,7 +19,18 @@ For L7 tests (retries, timeouts, fault injection, routing):
 * `?delay_ms=<ms>`          on any path: sleeps first, then answers as the path says;
 * `/flaky/<key>/<n>`        answers 503 to the first <n> requests with that <key> (counted
                             per app process, thread-safe), then 200; the JSON carries
-                            "attempt" (1-based), so a test can see how many tries it took.
+                            "attempt" (1-based), so a test can see how many tries it took;
+* `/fail-on/<pod>`          answers 503 when <pod> is this app's own --name, else 200 (one
+                            backend of a Service fails, its peers serve: outlier detection).
+
+Request counting (mirroring tests: ask a backend directly what reached it):
+
+* `/count/<key>`, or a header `x-count: <key>` on any request, counts the request under
+  <key> (per app process, thread-safe; the path wins when both are given); the JSON
+  carries "count" (this request's number, 1-based);
+* `/seen/<key>`             answers 200 with "seen" (how many requests <key> has counted)
+                            and "hosts" (the distinct Host headers of those requests,
+                            sorted), without counting itself.
 
 Anything else answers 200.  A malformed number in one of these paths answers 400.
 """
@@ -39,29 +50,49 @@ ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
 
 
 class FlakyCounter:
-    """How many requests each /flaky/<key>/<n> key has seen (thread-safe)."""
+    """How many requests each key has seen (thread-safe); for /count also their Hosts."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}
+        self._hosts: dict[str, set[str]] = {}
 
-    def next(self, key: str) -> int:
+    def next(self, key: str, host: str | None = None) -> int:
         with self._lock:
             self._seen[key] = self._seen.get(key, 0) + 1
+            if host is not None:
+                self._hosts.setdefault(key, set()).add(host)
             return self._seen[key]
 
+    def seen(self, key: str) -> tuple[int, list[str]]:
+        with self._lock:
+            return self._seen.get(key, 0), sorted(self._hosts.get(key, ()))
 
-def plan(path: str, flaky: FlakyCounter) -> tuple[int, float, dict]:
-    """(status, delay in seconds, extra JSON fields) for a request path."""
+
+def plan(path: str, flaky: FlakyCounter, *, pod: str = "", counts: FlakyCounter | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, float, dict]:
+    """(status, delay in seconds, extra JSON fields) for a request path; `pod` is this
+    app's name (/fail-on), `counts` the /count and /seen store, `headers` the request's
+    (lower-cased names) for x-count and the Host recorded with a count."""
     url = urlsplit(path)
     parts = [p for p in url.path.split("/") if p]
+    headers = headers or {}
     extra: dict = {}
     status, delay_ms = 200, 0.0
+    if counts is not None:
+        if len(parts) == 2 and parts[0] == "seen":
+            extra["seen"], extra["hosts"] = counts.seen(parts[1])
+        else:
+            key = parts[1] if len(parts) == 2 and parts[0] == "count" else headers.get("x-count")
+            if key:
+                extra["count"] = counts.next(key, headers.get("host", ""))
     try:
         q = parse_qs(url.query).get("delay_ms")
         if q:
             delay_ms = float(q[-1])
-        if len(parts) == 2 and parts[0] == "status":
+        if len(parts) == 2 and parts[0] == "fail-on":
+            status = 503 if parts[1] == pod else 200
+        elif len(parts) == 2 and parts[0] == "status":
             status = int(parts[1])
             if not 200 <= status <= 599:
                 raise ValueError(f"status {status} out of range")
@@ -84,7 +115,7 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--port", type=int, action="append", help="repeatable (default 8080)")
     args = ap.parse_args()
-    flaky = FlakyCounter()
+    flaky, counts = FlakyCounter(), FlakyCounter()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -111,15 +142,15 @@ def main() -> None:
 
         def _answer(self) -> None:
             body = self._read_body().decode(errors="replace")
-            status, delay, extra = plan(self.path, flaky)
-            if delay:
-                time.sleep(delay)
-            peer = self.client_address
-            local = self.connection.getsockname()
             headers: dict[str, str] = {}
             for k, v in self.headers.items():
                 k = k.lower()
                 headers[k] = f"{headers[k]}, {v}" if k in headers else v
+            status, delay, extra = plan(self.path, flaky, pod=args.name, counts=counts, headers=headers)
+            if delay:
+                time.sleep(delay)
+            peer = self.client_address
+            local = self.connection.getsockname()
             data = json.dumps({"pod": args.name, "peer": f"{peer[0]}:{peer[1]}",
                                "local": f"{local[0]}:{local[1]}", "method": self.command,
                                "path": self.path, "headers": headers, "body": body,
