@@ -29,3 +29,9 @@ clean-lab: deps
 bench: deps
 	@$(PY) -c "import matplotlib" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.l7 $(BENCH_L7_ARGS)
+
+.PHONY: bench-l7
+# L7 waypoint HTTP benchmark (bench/results/l7-latest.*; BENCH_L7_ARGS=--quick for a smoke run)
+bench-l7: deps
+	$(PY) -m bench.l7 $(BENCH_L7_ARGS)
