@@ -143,6 +143,24 @@ def zt_connections(lab: str, node: str) -> list[dict]:
     return json.loads(body)["recent"]
 
 
+def settle(lab: str, cond, timeout: float = 15.0) -> None:
+    """Wait until `cond()` holds (OSError and AssertionError count as not yet): what is
+    applied reaches the waypoint's Envoy asynchronously.  On timeout, the assertion
+    carries the last error and the tail of the lab's waypointd log."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except (OSError, AssertionError) as exc:
+            last = exc
+        time.sleep(0.2)
+    log = labmod.LabPaths(lab).run / "logs" / "waypointd.log"
+    tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+    raise AssertionError(f"condition not reached in {timeout}s ({last!r}); waypointd log:\n" + "\n".join(tail))
+
+
 def wait_record(lab: str, node: str, pred, timeout: float = 8.0) -> dict:
     """The first access record on `node` that `pred` accepts, waiting up to `timeout`."""
     deadline = time.monotonic() + timeout

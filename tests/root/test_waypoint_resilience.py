@@ -20,10 +20,9 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from meshlane import lab as labmod
 from meshlane import waypointd
 from tests.envoy_util import requires_envoy
-from tests.root.meshtest import http_call, ml, ok, running_lab
+from tests.root.meshtest import http_call, ml, ok, running_lab, settle
 
 pytestmark = [pytest.mark.root, requires_envoy()]
 
@@ -285,16 +284,4 @@ def test_mirror_copies_every_request_to_the_shadow_service(rlab):
 
 
 def _settle(rlab: Lab, cond, timeout: float = 15.0) -> None:
-    """Wait until `cond()` holds: applying a resource reaches Envoy asynchronously."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except (OSError, AssertionError) as exc:
-            last = exc
-        time.sleep(0.2)
-    log = labmod.LabPaths(rlab.name).run / "logs" / "waypointd.log"
-    tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-    raise AssertionError(f"condition not reached in {timeout}s ({last!r}); waypointd log:\n" + "\n".join(tail))
+    settle(rlab.name, cond, timeout)
