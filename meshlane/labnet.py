@@ -80,7 +80,11 @@ def build_node(lab: str, node: NodeSpec, topo: Topology) -> None:
     ul = underlay_netns(lab)
     ip("netns", "add", ns)
     ip("-n", ns, "link", "set", "lo", "up")
-    ip("-n", ns, "link", "add", "br0", "type", "bridge")
+    # A bridge without an address of its own takes the lowest MAC of its ports and
+    # changes it when a port comes or goes (a waypoint pod at run time): every pod's ARP
+    # entry for its gateway would then point at a MAC that no longer answers, and traffic
+    # leaving the node would stall until the entry is re-resolved (seconds).
+    ip("-n", ns, "link", "add", "br0", "address", mac_for(str(node.gateway)), "type", "bridge")
     ip("-n", ns, "addr", "add", f"{node.gateway}/24", "dev", "br0")
     ip("-n", ns, "link", "set", "br0", "up")
     sysctl(ns, "net.ipv4.ip_forward", "1")

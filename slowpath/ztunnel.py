@@ -371,11 +371,19 @@ class Ztunnel:
                 fut.set_result(None)
 
     async def _dial(self, pod: LocalPod, target: Workload, key: tuple) -> HboneLink:
-        s = await self._dial_from(pod, (str(target.ip), C.PORT_HBONE))
+        where = f"{target.ip}:{C.PORT_HBONE} ({target.uid})"
+        try:
+            s = await self._dial_from(pod, (str(target.ip), C.PORT_HBONE))
+        except TimeoutError:
+            raise TimeoutError(f"TCP connect to {where} not done in 10 s") from None
         _, link = await self.loop.create_connection(
             lambda: HboneLink(context=pod.client_ctx, server_side=False,
                               expected_peer=target.spiffe, on_idle=self._idle(key)), sock=s)
-        await asyncio.wait_for(link.ready, 10)
+        try:
+            await asyncio.wait_for(link.ready, 10)
+        except TimeoutError:
+            link.close()
+            raise TimeoutError(f"TLS/HTTP2 handshake with {where} not done in 10 s") from None
         return link
 
     def _idle(self, key: tuple):
@@ -408,6 +416,9 @@ class Ztunnel:
         started = time.monotonic()
         try:
             sid = await asyncio.wait_for(link.open(format_authority(dst[0], dst[1]), headers), 15)
+        except TimeoutError:
+            raise TimeoutError(f"no answer to CONNECT {dst[0]}:{dst[1]} from {target.ip}:{C.PORT_HBONE} "
+                               f"({target.uid}) in 15 s") from None
         except HboneRefused as exc:
             self.record(direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
                         dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=exc.status,
