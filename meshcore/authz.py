@@ -304,19 +304,23 @@ def _strings(ctx: _Ctx, path: str, value) -> list[str]:
     return value
 
 
+def ip_network_of(text: str) -> IpNet:
+    """An IP (as a /32 or /128) or a CIDR as istiod reads it: host bits masked.
+    ValueError names what is wrong."""
+    if "/" in text:
+        addr, _, plen = text.partition("/")
+        ip = ipaddress.ip_address(addr)
+        if not plen.isdigit() or int(plen) > ip.max_prefixlen:
+            raise ValueError(f"prefix length {plen!r} out of range 0-{ip.max_prefixlen}")
+        return ipaddress.ip_network(text, strict=False)
+    return ipaddress.ip_network(ipaddress.ip_address(text))
+
+
 def _cidrs(ctx: _Ctx, path: str, values: list[str]) -> tuple[IpNet, ...]:
     out = []
     for i, v in enumerate(values):
         try:
-            if "/" in v:
-                addr, _, plen = v.partition("/")
-                ip = ipaddress.ip_address(addr)
-                if not plen.isdigit() or int(plen) > ip.max_prefixlen:
-                    raise ValueError(f"prefix length {plen!r} out of range 0-{ip.max_prefixlen}")
-                out.append(ipaddress.ip_network(v, strict=False))  # host bits masked, as istiod
-            else:
-                ip = ipaddress.ip_address(v)
-                out.append(ipaddress.ip_network(ip))
+            out.append(ip_network_of(v))
         except ValueError as exc:
             kind = "CIDR" if "/" in v else "IP address"
             raise ctx.fail(f"{path}[{i}]", f"bad {kind} {v!r}: {exc}") from None

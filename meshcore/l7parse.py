@@ -309,13 +309,7 @@ def _cidr(ctx: _Ctx, path: str, value) -> str:
     """An IP or CIDR as istiod reads it (host bits masked), as a CIDR string."""
     text = _str(ctx, path, value, what="an IP address or CIDR")
     try:
-        if "/" in text:
-            addr, _, plen = text.partition("/")
-            ip = ipaddress.ip_address(addr)
-            if not plen.isdigit() or int(plen) > ip.max_prefixlen:
-                raise ValueError(f"prefix length {plen!r} out of range 0-{ip.max_prefixlen}")
-            return str(ipaddress.ip_network(text, strict=False))
-        return str(ipaddress.ip_network(ipaddress.ip_address(text)))
+        return str(authz.ip_network_of(text))
     except ValueError as exc:
         raise ctx.fail(path, f"bad IP address or CIDR {text!r}: {exc}") from None
 
