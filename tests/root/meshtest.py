@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,6 +142,35 @@ def zt_connections(lab: str, node: str) -> list[dict]:
     code, body = labmod.http_get_in_netns(f"{lab}-{node}", C.PORT_ADMIN, "/connections")
     assert code == 200, body
     return json.loads(body)["recent"]
+
+
+def while_requests_flow(request, steps, *, workers: int, pause: float) -> list[tuple[float, object]]:
+    """Run `request()` (returning an HTTP status) over and over in `workers` threads while
+    each of `steps` is called in turn, `pause` seconds apart (and before the first);
+    [(time, status, or repr of the error)] of every request made."""
+    import http.client
+    results: list = []
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                results.append((time.monotonic(), request()))
+            except (OSError, http.client.HTTPException) as exc:
+                results.append((time.monotonic(), repr(exc)))
+    threads = [threading.Thread(target=loop) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(pause)
+        for step in steps:
+            step()
+            time.sleep(pause)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return results
 
 
 def settle(lab: str, cond, timeout: float = 15.0) -> None:

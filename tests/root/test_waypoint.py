@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import yaml
 from meshlane import lab as labmod
 from meshlane import labnet
 from tests.envoy_util import requires_envoy
-from tests.root.meshtest import fails, http_call, ml, ok, running_lab, settle, wait_record
+from tests.root.meshtest import (fails, http_call, ml, ok, running_lab, settle, wait_record,
+                                 while_requests_flow)
 
 pytestmark = [pytest.mark.root, requires_envoy()]
 
@@ -234,27 +234,11 @@ def test_l7_deny_on_delete_refuses_that_method_only(wlab):
 
 def test_route_update_while_requests_flow_drops_nothing(wlab):
     pid = wlab.gateway()["status"]["meshlane"]["envoyPid"]
-    results: list = []
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            try:
-                results.append((time.monotonic(), wlab.get("/")[0]))
-            except OSError as exc:
-                results.append((time.monotonic(), repr(exc)))
-    workers = [threading.Thread(target=loop) for _ in range(4)]
-    for w in workers:
-        w.start()
-    try:
-        time.sleep(1)
-        for v1, v2 in ((0, 100), (100, 0), (50, 50), (0, 100)):
-            ok(wlab.apply(route("echo", "echo", weighted(v1, v2))))
-            time.sleep(1)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
+    results = while_requests_flow(
+        lambda: wlab.get("/")[0],
+        [lambda v1=v1, v2=v2: ok(wlab.apply(route("echo", "echo", weighted(v1, v2))))
+         for v1, v2 in ((0, 100), (100, 0), (50, 50), (0, 100))],
+        workers=4, pause=1.0)
     bad = [r for r in results if r[1] != 200]
     assert len(results) > 50 and not bad, (len(results), bad[:5])
     # the last update (all to v2) took effect, and Envoy was never restarted

@@ -952,30 +952,15 @@ def test_route_update_while_requests_flow_drops_nothing(world):
     files = world.wp.push(view([weighted(50, 50)]))
     pid = world.wp.proc.pid
     before = world.wp.xds()
-    results: list = []
-    stop = threading.Event()
 
-    def loop():
-        while not stop.is_set():
-            try:
-                status, _, body = world.get("echo")
-                results.append((time.monotonic(), status, json.loads(body)["pod"] if status == 200 else body[:100]))
-            except (OSError, http.client.HTTPException) as exc:
-                results.append((time.monotonic(), repr(exc), None))
-    workers = [threading.Thread(target=loop) for _ in range(3)]
-    for w in workers:
-        w.start()
-    try:
-        time.sleep(0.5)
-        for v1, v2 in ((0, 100), (100, 0), (50, 50), (0, 100)):
-            new = world.wp.push(view([weighted(v1, v2)]))
-            # a weight change is an RDS update only: same listeners, same clusters
-            assert new["lds.yaml"] == files["lds.yaml"] and new["cds.yaml"] == files["cds.yaml"]
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
+    def update(v1: int, v2: int) -> None:
+        new = world.wp.push(view([weighted(v1, v2)]))
+        # a weight change is an RDS update only: same listeners, same clusters
+        assert new["lds.yaml"] == files["lds.yaml"] and new["cds.yaml"] == files["cds.yaml"]
+    results = meshtest.while_requests_flow(
+        lambda: world.get("echo")[0],
+        [lambda v1=v1, v2=v2: update(v1, v2) for v1, v2 in ((0, 100), (100, 0), (50, 50), (0, 100))],
+        workers=3, pause=0.5)
     bad = [r for r in results if r[1] != 200]
     assert len(results) > 50 and not bad, (len(results), bad[:5])
     after = world.wp.xds()
