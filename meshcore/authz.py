@@ -8,7 +8,10 @@ becomes clauses (one for `to`, one for `from`, one per `when` entry); a clause i
 list of `Match` entries.  A rule matches iff every clause matches, a clause iff any of
 its entries matches, and an entry whose L4 fields are all empty never matches.  L7
 fields never reach the model: in an ALLOW a rule that names one is dropped whole, in a
-DENY only the field is dropped (`parse` reports each as a warning).
+DENY only the field is dropped (`parse` reports each as a warning).  Its scope is
+istiod's too: any `spec.selector`, even `{}`, makes a workload-selector policy, and one
+without a label map is in scope for no workload; `istio.io/dry-run` is read with Go's
+strconv.ParseBool.
 
 Pure: no I/O.  Errors are BadInputError naming the source, the field path and the reason.
 """
@@ -153,31 +156,50 @@ class Rule:
                    for clause in self.clauses)
 
 
+SCOPES = ("Global", "Namespace", "WorkloadSelector")
+
+
 @dataclass(frozen=True)
 class Policy:
+    """Scope and selector as istiod hands them to ztunnel: `spec.selector` present (even
+    `{}`) -> WorkloadSelector, else Global in the root namespace and Namespace elsewhere.
+    A WorkloadSelector policy applies to the workloads its label map selects: `selector`
+    holds `matchLabels` sorted, `()` for `matchLabels: {}` (selects every workload) and
+    None when there is no label map at all (`selector: {}`: attached to no workload)."""
     namespace: str
     name: str
     action: str                         # ALLOW | DENY (AUDIT / CUSTOM never reach the model)
-    selector: tuple[tuple[str, str], ...] | None  # matchLabels, sorted; None: no selector
+    scope: str                          # one of SCOPES
+    selector: tuple[tuple[str, str], ...] | None
     rules: tuple[Rule, ...]
     root_namespace: str = C.ROOT_NAMESPACE
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.scope != "WorkloadSelector" and self.selector is not None:
+            raise ValueError(f"a {self.scope} policy has no selector")
+        if self.scope == "Global" and self.namespace != self.root_namespace:
+            raise ValueError(f"only a policy in {self.root_namespace} is Global")
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     @property
-    def scope(self) -> str:
-        if self.selector is not None:
-            return "WorkloadSelector"
-        return "Global" if self.namespace == self.root_namespace else "Namespace"
+    def attached_to_nothing(self) -> bool:
+        """A selector without a label map: in scope for no workload (istiod only attaches
+        workload-selector policies that have one)."""
+        return self.scope == "WorkloadSelector" and self.selector is None
 
     def applies_to(self, namespace: str, labels: dict) -> bool:
         """Whether this policy is in scope for a destination workload."""
         if self.namespace != self.root_namespace and self.namespace != namespace:
             return False
-        if self.selector is None:
+        if self.scope != "WorkloadSelector":
             return True
+        if self.selector is None:
+            return False
         return all(labels.get(k) == v for k, v in self.selector)
 
     def first_match(self, c: Conn) -> Rule | None:
@@ -256,7 +278,8 @@ LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$
 @dataclass
 class Parsed:
     """A validated policy: `policy` is None when it does nothing at L4 (targetRefs,
-    AUDIT, CUSTOM); `warnings` name every field dropped or ignored at L4."""
+    AUDIT, CUSTOM, dry run); `warnings` name every field dropped or ignored at L4, and a
+    selector that attaches the policy to no workload."""
     object: dict
     policy: Policy | None
     warnings: list[str] = field(default_factory=list)
@@ -349,11 +372,18 @@ def _service_accounts(ctx: _Ctx, path: str, values: list[str], policy_ns: str) -
     return tuple(out)
 
 
-def _selector(ctx: _Ctx, spec: dict) -> tuple[tuple[str, str], ...] | None:
-    if "selector" not in spec or spec["selector"] is None:
-        return None
+def _selector(ctx: _Ctx, spec: dict) -> tuple[bool, tuple[tuple[str, str], ...] | None]:
+    """-> (whether there is a selector, its matchLabels sorted or None without a label map).
+
+    `selector: null` is no selector (the API server drops nulls, jsonpb skips them); an
+    empty `matchLabels: {}` is a label map that selects everything, while `selector: {}`
+    or `matchLabels: null` has none (istiod reads them as nil and attaches nothing)."""
+    if spec.get("selector") is None:
+        return False, None
     sel = _mapping(ctx, "spec.selector", spec["selector"], ("matchLabels",))
-    labels = sel.get("matchLabels") or {}
+    labels = sel.get("matchLabels")
+    if labels is None:
+        return True, None
     if not isinstance(labels, dict):
         raise ctx.fail("spec.selector.matchLabels", "expected a mapping of labels")
     for k, v in labels.items():
@@ -362,8 +392,7 @@ def _selector(ctx: _Ctx, spec: dict) -> tuple[tuple[str, str], ...] | None:
         if not isinstance(v, str) or not LABEL_VALUE_RE.match(v):
             raise ctx.fail(f"spec.selector.matchLabels.{k}",
                            f"label value {v!r} is not a valid label value (quote numbers)")
-    # an empty selector is no selector (istiod: GetSelector() with no labels)
-    return tuple(sorted(labels.items())) if labels else None
+    return True, tuple(sorted(labels.items()))
 
 
 def _source(ctx: _Ctx, path: str, raw, policy_ns: str) -> tuple[Match, list[str], list[str]]:
@@ -470,12 +499,46 @@ def _rule(ctx: _Ctx, i: int, raw, policy_ns: str):
     return tuple(clauses), l7, ignored
 
 
+DRY_RUN = "istio.io/dry-run"
+# the only spellings Go's strconv.ParseBool accepts (no trimming, no yes/no, no on/off)
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+def go_bool(text: str) -> bool | None:
+    """`text` as Go's strconv.ParseBool reads it; None where ParseBool fails."""
+    return True if text in GO_TRUE else False if text in GO_FALSE else None
+
+
+def _dry_run(ctx: _Ctx, annotations: dict, action: str, admission: bool) -> tuple[bool, str | None]:
+    """-> (is the policy a dry run, a warning).  Two istiod readers of the annotation:
+    the admission webhook refuses a value ParseBool rejects (also "") and the annotation
+    on AUDIT or CUSTOM; the ambient controller (`admission=False`, for stored objects)
+    reads such a value as false, so the policy is enforced."""
+    if DRY_RUN not in annotations:
+        return False, None
+    path, raw = f"metadata.annotations[{DRY_RUN}]", annotations[DRY_RUN]
+    value = go_bool(raw) if isinstance(raw, str) else None
+    if admission:
+        if action not in ("ALLOW", "DENY"):
+            raise ctx.fail(path, f"the annotation is only for ALLOW and DENY, found action {action}")
+        if value is None:
+            raise ctx.fail(path, f"invalid value {raw!r}: istiod reads it with Go's strconv.ParseBool, "
+                                 f"which accepts only {', '.join(GO_TRUE)} and {', '.join(GO_FALSE)}")
+    if value is None and raw != "":
+        return False, (f"{ctx.prefix}{path} {raw!r} is not a boolean to istiod's ambient controller; "
+                       "read as false, so the policy is enforced")
+    return bool(value), None
+
+
 def parse(obj, *, src: str = "<input>", prefix: str = "",
-          root_namespace: str = C.ROOT_NAMESPACE) -> Parsed:
+          root_namespace: str = C.ROOT_NAMESPACE, admission: bool = True) -> Parsed:
     """Validate one AuthorizationPolicy object and convert it for L4.
 
     `prefix` goes before every field path (e.g. "docs[1]." for the second document of a
-    file).  Raises BadInputError on the first problem."""
+    file).  Raises BadInputError on the first problem.  `admission=False` reads an object
+    already stored the way istiod's controller does where its webhook is stricter (only
+    the dry-run annotation differs)."""
     ctx = _Ctx(src, prefix)
     if not isinstance(obj, dict):
         raise ctx.fail("", f"expected a mapping (a Kubernetes object), got {type(obj).__name__}")
@@ -497,13 +560,19 @@ def parse(obj, *, src: str = "<input>", prefix: str = "",
     for k in ("labels", "annotations"):
         if meta.get(k) is not None and not isinstance(meta[k], dict):
             raise ctx.fail(f"metadata.{k}", "expected a mapping")
+    annotations = meta.get("annotations") or {}
+    for k, v in annotations.items() if admission else ():
+        if not isinstance(v, str):  # Kubernetes refuses them: annotations are map[string]string
+            raise ctx.fail(f"metadata.annotations[{k}]", f"annotation values are strings, got "
+                           f"{type(v).__name__} {v!r} (quote it)")
     spec = _mapping(ctx, "spec", obj.get("spec") or {}, SPEC_FIELDS)
     action = spec.get("action", "ALLOW")
     if action not in ACTIONS:
         raise ctx.fail("spec.action", f"unsupported action {action!r} (one of {', '.join(ACTIONS)})")
-    selector = _selector(ctx, spec)
+    dry_run, dry_run_warning = _dry_run(ctx, annotations, action, admission)
+    has_selector, selector = _selector(ctx, spec)
     has_targets = bool(spec.get("targetRef") or spec.get("targetRefs"))
-    if has_targets and "selector" in spec and spec["selector"] is not None:
+    if has_targets and has_selector:
         raise ctx.fail("spec", "only one of selector, targetRef or targetRefs may be set")
     for k in ("targetRef", "targetRefs"):
         refs = spec.get(k)
@@ -555,10 +624,13 @@ def parse(obj, *, src: str = "<input>", prefix: str = "",
             else:
                 warnings.append(f"{label}: rule {i}: HTTP fields ignored at L4 ({fields}); "
                                 "nothing L4 is left, so this rule denies nothing")
-    dry_run = str(((meta.get("annotations") or {}).get("istio.io/dry-run", ""))).lower()
-    if dry_run in ("true", "1", "t"):
-        warnings.append(f"{label}: istio.io/dry-run is set; dry-run policies are not enforced at L4 "
-                        "(as in Istio ambient by default); ignored")
+    if dry_run_warning:
+        warnings.append(f"{label}: {dry_run_warning}")
+    if dry_run:
+        warnings.append(f"{label}: {prefix}metadata.annotations[{DRY_RUN}] is {annotations[DRY_RUN]!r}: "
+                        "dry-run policies are not enforced at L4 (istiod sends them to ztunnel only "
+                        "with AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY on, and ztunnel then only "
+                        "logs their matches); ignored")
         return Parsed(obj, None, warnings)
     if has_targets:
         warnings.append(f"{label}: has targetRefs, so it is for waypoints (L7) and ignored at L4")
@@ -566,7 +638,18 @@ def parse(obj, *, src: str = "<input>", prefix: str = "",
     if action in ("AUDIT", "CUSTOM"):
         warnings.append(f"{label}: action {action} is not enforced at L4; ignored")
         return Parsed(obj, None, warnings)
-    return Parsed(obj, Policy(namespace=ns, name=name, action=action, selector=selector,
+    where = ("every namespace (the policy is in the root namespace)" if ns == root_namespace
+             else f"namespace {ns}")
+    if has_selector and selector is None:
+        warnings.append(f"{label}: {prefix}spec.selector has no matchLabels, so istiod attaches the "
+                        "policy to no workload and it has no effect; remove `selector` to apply it to "
+                        f"{where}, or select workloads with matchLabels")
+    elif selector == ():
+        warnings.append(f"{label}: {prefix}spec.selector.matchLabels is empty: it selects every "
+                        f"workload in {where}")
+    scope = ("WorkloadSelector" if has_selector else
+             "Global" if ns == root_namespace else "Namespace")
+    return Parsed(obj, Policy(namespace=ns, name=name, action=action, scope=scope, selector=selector,
                               rules=tuple(rules), root_namespace=root_namespace), warnings)
 
 
@@ -574,7 +657,7 @@ def policies_from_objects(objs: Iterable[dict], root_namespace: str = C.ROOT_NAM
     """Stored objects (already validated by apply) -> the L4 policies they carry."""
     out = []
     for o in objs:
-        p = parse(o, src="store", root_namespace=root_namespace).policy
+        p = parse(o, src="store", root_namespace=root_namespace, admission=False).policy
         if p is not None:
             out.append(p)
     return sorted(out, key=lambda p: (p.namespace, p.name))

@@ -1336,8 +1336,8 @@ def _l7_policy(obj, *, src: str, prefix: str, td: str) -> tuple[l7.L7Policy | No
                 ctx.warn("", f"rule {i}: the waypoint cannot enforce {fields}; ignored, so the DENY is "
                              "broader than written")
         rules.append(rule)
-    dry_run = str((meta.get("annotations") or {}).get("istio.io/dry-run", "")).lower() in ("true", "1", "t")
-    if dry_run:
+    dry_run = (meta.get("annotations") or {}).get(authz.DRY_RUN)
+    if isinstance(dry_run, str) and authz.go_bool(dry_run):   # read as istiod does (ParseBool)
         ctx.warn("", "istio.io/dry-run is set: the waypoint does not enforce dry-run policies; ignored")
         return None, ctx.warnings
     if action in ("AUDIT", "CUSTOM"):

@@ -105,6 +105,134 @@ def test_scope():
     assert sel.applies_to("back", {"app": "api", "x": "y"}) and not sel.applies_to("front", {"app": "api"})
 
 
+@pytest.mark.parametrize("ns", ["back", C.ROOT_NAMESPACE])
+@pytest.mark.parametrize("selector", [{}, {"matchLabels": None}])
+def test_a_selector_without_labels_applies_to_no_workload(selector, ns):
+    """istiod: any spec.selector gives workload-selector scope; with no label map it is
+    attached to no workload (not namespace-wide, not mesh-wide from the root namespace)."""
+    for action, rules in (("DENY", [{}]), ("ALLOW", [{"from": [{"source": {"namespaces": ["ops"]}}]}])):
+        p = authz.parse(pol({"selector": selector, "action": action, "rules": rules}, name="empty-sel", ns=ns),
+                        src="t.yaml", prefix="docs[2].")
+        assert p.policy.scope == "WorkloadSelector" and p.policy.selector is None
+        assert p.policy.attached_to_nothing
+        for dst_ns, labels in (("back", {}), ("back", {"app": "api"}), ("front", {"app": "web"}), (ns, {})):
+            assert not p.policy.applies_to(dst_ns, labels)
+        assert authz.evaluate(authz.in_scope([p.policy], "back", {"app": "api"}), conn()).allow
+        assert p.policy.to_json()["selector"] is None
+        w = [x for x in p.warnings if "no effect" in x]
+        assert len(w) == 1 and f"AuthorizationPolicy {ns}/empty-sel" in w[0] and "docs[2].spec.selector " in w[0]
+
+
+@pytest.mark.parametrize("ns,other", [("back", False), (C.ROOT_NAMESPACE, True)])
+def test_empty_match_labels_select_every_workload_in_reach(ns, other):
+    """`matchLabels: {}` is an empty label map, which selects everything: every workload
+    of the namespace, of every namespace from the root namespace."""
+    p = parsed({"selector": {"matchLabels": {}}, "action": "DENY", "rules": [{}]}, name="all", ns=ns)
+    assert p.policy.scope == "WorkloadSelector" and p.policy.selector == ()
+    assert not p.policy.attached_to_nothing
+    assert p.policy.applies_to(ns, {}) and p.policy.applies_to(ns, {"app": "x"})
+    assert p.policy.applies_to("front", {"app": "web"}) is other
+    assert not authz.evaluate(authz.in_scope([p.policy], ns, {"app": "x"}), conn()).allow
+    assert p.policy.to_json()["selector"] == {}
+    assert any("spec.selector.matchLabels is empty" in w and f"{ns}/all" in w for w in p.warnings)
+    assert not any("no effect" in w for w in p.warnings)
+
+
+@pytest.mark.parametrize("spec", [{}, {"selector": None}])
+def test_no_selector_or_a_null_one_is_namespace_or_mesh_wide(spec):
+    back = parsed({**spec, "rules": [{}]}, ns="back").policy
+    root = parsed({**spec, "rules": [{}]}, ns=C.ROOT_NAMESPACE).policy
+    assert (back.scope, root.scope) == ("Namespace", "Global")
+    assert back.selector is None and root.selector is None and not back.attached_to_nothing
+    assert back.applies_to("back", {}) and not back.applies_to("front", {})
+    assert root.applies_to("front", {}) and root.applies_to("back", {"app": "db"})
+    assert not parsed({**spec, "rules": [{}]}).warnings
+
+
+def test_policy_scope_and_selector_must_agree():
+    with pytest.raises(ValueError, match="scope"):
+        authz.Policy(namespace="back", name="p", action="ALLOW", scope="Workload", selector=None, rules=())
+    with pytest.raises(ValueError, match="no selector"):
+        authz.Policy(namespace="back", name="p", action="ALLOW", scope="Namespace", selector=(), rules=())
+    with pytest.raises(ValueError, match="Global"):
+        authz.Policy(namespace="back", name="p", action="ALLOW", scope="Global", selector=None, rules=())
+
+
+def test_the_kernel_compiles_nothing_for_a_policy_attached_to_no_workload():
+    views = _views()
+    local = [fpolicy.LocalPod(pod_id=i + 1, workload=v) for i, v in enumerate(views) if v.enrolled]
+    inert = [authz.parse(pol({"selector": {}, "action": "DENY", "rules": [{}]}, name="e", ns=ns)).policy
+             for ns in ("back", "front", C.ROOT_NAMESPACE)]
+    assert fpolicy.compile_in(inert, local) == {}
+    assert fpolicy.compile_out(inert, views, local, fastpath=False) == {}
+    assert fpolicy.compile_out(inert, views, local) == fpolicy.compile_out([], views, local)
+    # an empty label map from the root namespace: an entry for every enrolled destination
+    everything = [authz.parse(pol({"selector": {"matchLabels": {}}, "action": "DENY", "rules": [{}]},
+                                  name="all", ns=C.ROOT_NAMESPACE)).policy]
+    outs = fpolicy.compile_out(everything, views, local, fastpath=False)
+    assert {k[1] for k in outs} == {str(v.ip) for v in views if v.enrolled}
+    assert all(v[0] == C.VERDICT_DENY for v in outs.values())
+
+
+def test_go_bool_is_strconv_parse_bool():
+    for t in ("1", "t", "T", "TRUE", "true", "True"):
+        assert authz.go_bool(t) is True
+    for f in ("0", "f", "F", "FALSE", "false", "False"):
+        assert authz.go_bool(f) is False
+    for bad in ("tRuE", "TRue", "yes", "no", "on", "off", "y", "", " true", "true ", "01", "2", "faLse"):
+        assert authz.go_bool(bad) is None, bad
+
+
+def _dry(value, action="DENY", **kw):
+    doc = pol({"action": action, "rules": [{}]} if action != "CUSTOM" else
+              {"action": action, "provider": {"name": "x"}, "rules": [{}]}, name="dr")
+    doc["metadata"]["annotations"] = {"istio.io/dry-run": value}
+    return authz.parse(doc, src="t.yaml", **kw)
+
+
+@pytest.mark.parametrize("value", ["1", "t", "T", "TRUE", "true", "True"])
+def test_dry_run_true_spellings_are_not_enforced(value):
+    p = _dry(value)
+    assert p.policy is None and any("dry-run" in w and repr(value) in w for w in p.warnings)
+
+
+@pytest.mark.parametrize("value", ["0", "f", "F", "FALSE", "false", "False"])
+def test_dry_run_false_spellings_are_enforced(value):
+    p = _dry(value)
+    assert p.policy is not None and not p.warnings
+    assert not authz.evaluate([p.policy], conn()).allow
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("tRuE", "ParseBool"), ("yes", "ParseBool"), ("on", "ParseBool"), ("", "ParseBool"),
+    (" true", "ParseBool"), (True, "strings"), (1, "strings"),
+])
+def test_apply_refuses_a_dry_run_value_istiod_cannot_parse(value, reason):
+    with pytest.raises(BadInputError) as e:
+        _dry(value)
+    msg = str(e.value)
+    assert msg.startswith("t.yaml: metadata.annotations[istio.io/dry-run]: ") and reason in msg, msg
+
+
+@pytest.mark.parametrize("action", ["AUDIT", "CUSTOM"])
+def test_apply_refuses_dry_run_on_audit_and_custom(action):
+    with pytest.raises(BadInputError, match="only for ALLOW and DENY"):
+        _dry("true", action=action)
+
+
+@pytest.mark.parametrize("value", ["tRuE", "yes", "", True])
+def test_stored_unparsable_dry_run_is_enforced_as_istiods_controller_does(value):
+    """The controller reads a value ParseBool rejects as false (istiod logs the error),
+    so the policy is enforced; "" is not even parsed."""
+    p = _dry(value, admission=False)
+    assert p.policy is not None
+    assert [w for w in p.warnings if "read as false" in w] == ([] if value == "" else p.warnings)
+    doc = pol({"action": "DENY", "rules": [{}]}, name="dr")
+    doc["metadata"]["annotations"] = {"istio.io/dry-run": value}
+    [stored] = authz.policies_from_objects([doc])
+    assert not authz.evaluate([stored], conn()).allow
+
+
 def test_targetrefs_audit_custom_are_ignored_with_a_warning():
     for spec in ({"targetRefs": [{"kind": "Service", "group": "", "name": "api"}], "rules": [{}]},
                  {"action": "AUDIT", "rules": [{}]},
@@ -141,13 +269,6 @@ def test_bad_input_names_file_path_and_reason(spec, path, reason):
     assert reason.lower() in msg.lower(), msg
 
 
-def test_dry_run_policies_are_not_enforced():
-    doc = pol({"action": "DENY", "rules": [{}]})
-    doc["metadata"]["annotations"] = {"istio.io/dry-run": "true"}
-    p = authz.parse(doc)
-    assert p.policy is None and "dry-run" in p.warnings[0]
-
-
 def test_api_versions():
     assert authz.parse(pol({}, api="security.istio.io/v1beta1")).policy is not None
     with pytest.raises(BadInputError, match="apiVersion"):
@@ -180,6 +301,12 @@ POLICIES = [
         name="a1", ns="back"),
     pol({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
          "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]}]}, name="d2", ns=C.ROOT_NAMESPACE),
+    # attached to no workload: would deny everything into front if it were namespace-wide
+    pol({"selector": {}, "action": "DENY", "rules": [{}]}, name="d3", ns="front"),
+    # an empty label map: every back workload, on 5432, from outside front
+    pol({"selector": {"matchLabels": {}}, "action": "DENY",
+         "rules": [{"from": [{"source": {"notNamespaces": ["front"]}}], "to": [{"operation": {"ports": ["5432"]}}]}]},
+        name="d4", ns="back"),
 ]
 
 

@@ -45,7 +45,8 @@ def test_the_vectors_are_many_and_cover_the_fields():
                   "when-destination.ip", "when-destination.port", "when-notValues", "when-l7-key",
                   "l7-allow", "l7-deny", "plaintext", "deny-beats-allow", "allow-no-rules",
                   "allow-empty-rule", "deny-empty-rule", "empty-entry", "scope-mesh",
-                  "scope-selector-root", "targetRefs", "audit", "custom", "non-enrolled-dest"):
+                  "scope-selector-root", "scope-selector-empty", "scope-selector-empty-labels",
+                  "dry-run", "targetRefs", "audit", "custom", "non-enrolled-dest"):
         assert field in tags, f"no vector covers {field}"
     assert {c["expect"] for case in CASES for c in case["checks"]} == {"allow", "deny"}
 
