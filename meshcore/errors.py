@@ -6,6 +6,8 @@
      ├── NotFoundError             (66) a pod, netns or file named by the user is absent
      ├── UnavailableError          (69) an agent, socket or listener could not be reached
      ├── NeedsRootError            (77) the operation needs root / CAP_NET_ADMIN+CAP_BPF
+     ├── PermissionDeniedError     (77) the caller did not prove it may (a bad, used or
+     │                                  expired bootstrap token, a node token that does not match)
      └── ConfigError               (78) the machine is not set up (bpffs, headers, cgroup2)
 
 Messages say what was wrong, where, and what to check next.  The CLI prints
@@ -46,6 +48,10 @@ class UnavailableError(MeshError):
 
 
 class NeedsRootError(MeshError):
+    exit_code = C.EX_NOPERM
+
+
+class PermissionDeniedError(MeshError):
     exit_code = C.EX_NOPERM
 
 

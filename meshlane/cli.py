@@ -506,6 +506,94 @@ def delete(lab, resource, name, files, namespace, ignore_not_found) -> None:
         click.echo(f"{resources.describe(r['kind'], r['name'])} {r['result']}")
 
 
+# --- bootstrap tokens -------------------------------------------------------------------
+
+CONTROL = click.option("--control", "control_socket", envvar="MESHLANE_CONTROL", default=None,
+                       type=click.Path(dir_okay=False),
+                       help="control plane socket (default: the one of --lab)")
+
+
+@cli.group()
+def token() -> None:
+    """Bootstrap tokens: how a node joins (kubeadm token style).
+
+    An operator creates a token and gives it to the node out of band; the node registers
+    with it once and gets its node token.  Tokens are `<id>.<secret>`, single use, always
+    expire, and are stored hashed.  An unbound token registers a new node name only; one
+    created with --node NAME registers NAME, also to re-provision an existing node.
+    Today whoever can open the control plane's root-only socket is an operator."""
+
+
+def _token_socket(lab: str, control_socket: str | None) -> str:
+    return control_socket or _control(lab)
+
+
+@token.command("create")
+@LAB
+@CONTROL
+@click.option("--node", "node_name", default=None,
+              help="bind the token to this node name (it may then also re-provision that node)")
+@click.option("--ttl", default="24h", show_default=True, help="lifetime: 30m, 1h, 24h, ...")
+@click.option("--description", default="", help="a note shown by `token list`")
+@OUTPUT
+def token_create(lab, control_socket, node_name, ttl, description, output) -> None:
+    """Create a bootstrap token and print it (the secret is shown only here)."""
+    from meshcore.l7parse import parse_duration
+    from slowpath.control_client import call
+    try:
+        seconds = parse_duration(ttl, what="--ttl")
+    except BadInputError as exc:
+        raise UsageError(exc.message) from None
+    if seconds <= 0:
+        raise UsageError(f"--ttl {ttl}: must be more than 0 (bootstrap tokens always expire)")
+    ans = call(_token_socket(lab, control_socket), "create_token", node=node_name, ttl_seconds=seconds,
+               description=description)
+    ans.pop("ok", None)
+    if output == "short":
+        click.echo(ans["token"])
+        click.echo(f"bootstrap token {ans['id']} expires {ans['expires']}; "
+                   + (f"registers node {node_name} only" if node_name else "registers one new node"),
+                   err=True)
+    else:
+        emit(ans, output)
+
+
+@token.command("list")
+@LAB
+@CONTROL
+@OUTPUT
+def token_list(lab, control_socket, output) -> None:
+    """List bootstrap tokens (ids and state; secrets are not stored)."""
+    from slowpath.control_client import call
+    tokens = call(_token_socket(lab, control_socket), "list_tokens")["tokens"]
+    if output == "short" and not tokens:
+        click.echo("No bootstrap tokens found", err=True)
+        return
+
+    def ttl(t: dict) -> str:
+        if t["status"] != "valid":
+            return "<invalid>"
+        s = t["ttlSeconds"]
+        return f"{s // 3600}h{s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m{s % 60}s"
+    emit(tokens, output, table=lambda ts: [("ID", "NODE", "TTL", "EXPIRES", "STATUS", "DESCRIPTION")] + [
+        (t["id"], t["node"] or "<any new node>", ttl(t), t["expires"],
+         f"used by {t['usedBy']}" if t["status"] == "used" else t["status"], t["description"])
+        for t in ts])
+
+
+@token.command("delete")
+@LAB
+@CONTROL
+@click.argument("ids", nargs=-1, required=True)
+def token_delete(lab, control_socket, ids) -> None:
+    """Delete bootstrap tokens by id (or whole token): they can no longer register a node."""
+    from slowpath.control_client import call
+    sock = _token_socket(lab, control_socket)
+    for i in ids:
+        ans = call(sock, "delete_token", id=i)
+        click.echo(f"bootstrap token {ans['id']!r} deleted")
+
+
 # --- waypoints --------------------------------------------------------------------------
 
 @cli.command(hidden=True)

@@ -1,10 +1,43 @@
 """`meshlane control`: the resource store, the CA and the API nodes talk to (istiod's role).
 
 Owns: the persistent store (sqlite under the state dir: Kubernetes-shaped objects keyed
-by kind/namespace/name with a revision), watches, node registration, and CSR signing
-that is node-scoped: a node may only obtain identities of pods scheduled on it, proven
-by the node token it received at registration.  Nodes never see the CA key.
+by kind/namespace/name with a revision), watches, bootstrap tokens, node registration,
+and CSR signing that is node-scoped: a node may only obtain identities of pods scheduled
+on it, proven by the node token it received at registration.  Nodes never see the CA key.
 Must not: touch the kernel or network namespaces.
+
+Who may do what.  Today the API is JSON lines on a root-only (0600) unix socket, and that
+socket is the admin boundary: whoever can open it is an operator, so the operator
+operations (apply, put, delete, create_token/list_tokens/delete_token) check nothing
+more.  Two operations authenticate their caller on top of that, because they hand out or
+use a node's credential and must keep working unchanged when the API moves to TCP+TLS
+(admins with client certificates; nodes without one until they have joined):
+
+1. `register_node` needs either a bootstrap token (below) or, for a node that is already
+   registered, that node's current node token.  It answers a fresh node token.
+2. `sign` needs the node token of the node whose pod's identity is asked for.
+
+Bootstrap tokens (kubeadm's format and rules):
+
+1. Format `<id>.<secret>`, 6 and 16 characters of [a-z0-9] (`abcdef.0123456789abcdef`);
+   the id is public (listed, deleted by), the secret is not.  Created by an operator
+   (`meshlane token create [--node NAME] [--ttl 24h]`) and given to the node out of band.
+2. Stored hashed (SHA-256 of the whole token), compared in constant time; the secret is
+   never stored, logged or shown again.
+3. Every token expires (`--ttl`, default 24 h) and is single use: a successful
+   registration consumes it, so a replayed request is refused.
+4. Unbound tokens register a new node name only.  A token created with `--node NAME`
+   registers only NAME, and may also re-register NAME when it already exists (an operator
+   re-provisioning a node whose token is lost).
+5. An existing node (one with a node token or a Node object) re-registers with its current
+   node token (proof it is that node) or a token bound to it; the node token is rotated
+   and the old one stops working for `sign` at once.
+6. A refused registration changes nothing: no Node object, no node token, the bootstrap
+   token unconsumed.  Refusals are `PermissionDeniedError` (exit 77, EX_NOPERM) and say
+   what was wrong and what to do next.
+
+This fits the TLS step: the node token becomes a node certificate obtained once with a
+bootstrap token and renewed by the node itself (re-registration with proof, rule 5).
 """
 from __future__ import annotations
 
@@ -14,14 +47,18 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
+import string
+import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from meshcore import authz, l7, l7parse
 from meshcore import constants as C
-from meshcore.errors import BadInputError, MeshError, NotFoundError
+from meshcore.errors import BadInputError, MeshError, NotFoundError, PermissionDeniedError, UsageError
 from meshcore.identity import SpiffeId
 from meshlane.ca import CertificateAuthority
 from slowpath.control_client import MAX_LINE
@@ -32,6 +69,29 @@ CLUSTER_SCOPED = {"Namespace", "Node"}
 L7_KINDS = ("Service", "Gateway", "HTTPRoute", "DestinationRule")
 KNOWN_KINDS = {"Namespace", "Node", "Pod", "AuthorizationPolicy", *L7_KINDS}
 APPLIED_KINDS = (authz.KIND, "Namespace", *L7_KINDS)
+
+# Node names as Kubernetes' (a DNS-1123 subdomain): they end up in file names and messages.
+NODE_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+BOOTSTRAP_TOKEN_RE = re.compile(r"^([a-z0-9]{6})\.([a-z0-9]{16})$")   # kubeadm's
+BOOTSTRAP_ALPHABET = string.ascii_lowercase + string.digits
+BOOTSTRAP_TTL_DEFAULT = timedelta(hours=24)                          # kubeadm's default
+BOOTSTRAP_TTL_MAX = timedelta(days=30)   # a join credential that lives longer is a standing one
+BOOTSTRAP_KEEP_AFTER_EXPIRY = timedelta(days=1)   # then forgotten (kubeadm's tokencleaner)
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_node_name(name) -> str:
+    if not isinstance(name, str) or not NODE_NAME_RE.match(name):
+        raise BadInputError(f"{name!r} is not a valid node name (lowercase letters, digits, '-' "
+                            "and '.', starting and ending with a letter or digit, at most 253)")
+    return name
 
 
 def key_of(obj: dict) -> tuple[str, str, str]:
@@ -53,6 +113,10 @@ class Store:
         self.db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, namespace TEXT, name TEXT,"
                         " body TEXT, rev INTEGER, PRIMARY KEY (kind, namespace, name))")
         self.db.execute("CREATE TABLE IF NOT EXISTS tokens (node TEXT PRIMARY KEY, digest TEXT)")
+        # kubeadm-style bootstrap tokens: digest of the whole token, never the secret itself
+        self.db.execute("CREATE TABLE IF NOT EXISTS bootstrap_tokens (id TEXT PRIMARY KEY,"
+                        " digest TEXT NOT NULL, node TEXT, description TEXT NOT NULL DEFAULT '',"
+                        " created REAL NOT NULL, expires REAL NOT NULL, used_at REAL, used_by TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER)")
         row = self.db.execute("SELECT v FROM meta WHERE k='rev'").fetchone()
         self.rev = row[0] if row else 0
@@ -96,13 +160,59 @@ class Store:
             self._bump()
         return obj
 
-    def set_token(self, node: str, token: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?)",
-                        (node, hashlib.sha256(token.encode()).hexdigest()))
+    @contextmanager
+    def transaction(self):
+        """All or nothing: on an exception every write is rolled back, the revision too."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            row = self.db.execute("SELECT v FROM meta WHERE k='rev'").fetchone()
+            self.rev = row[0] if row else 0
+            raise
 
-    def check_token(self, node: str, token: str) -> bool:
+    # --- node tokens (the credential `sign` checks) --------------------------------
+    def set_token(self, node: str, token: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?)", (node, _digest(token)))
+
+    def has_token(self, node: str) -> bool:
+        return self.db.execute("SELECT 1 FROM tokens WHERE node=?", (node,)).fetchone() is not None
+
+    def check_token(self, node: str, token) -> bool:
+        """Whether `token` is the node's current token (compared in constant time; which
+        nodes have one is no secret, Node objects are listed)."""
         row = self.db.execute("SELECT digest FROM tokens WHERE node=?", (node,)).fetchone()
-        return bool(row) and hmac.compare_digest(row[0], hashlib.sha256(token.encode()).hexdigest())
+        return (row is not None and isinstance(token, str)
+                and hmac.compare_digest(row[0], _digest(token)))
+
+    # --- bootstrap tokens --------------------------------------------------------------
+    def add_bootstrap(self, id: str, token: str, *, node: str | None, description: str,
+                      created: float, expires: float) -> None:
+        self.db.execute("INSERT INTO bootstrap_tokens (id, digest, node, description, created, expires)"
+                        " VALUES (?,?,?,?,?,?)", (id, _digest(token), node, description, created, expires))
+
+    def get_bootstrap(self, id: str) -> dict | None:
+        cur = self.db.execute("SELECT * FROM bootstrap_tokens WHERE id=?", (id,))
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row)) if row else None
+
+    def list_bootstrap(self) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM bootstrap_tokens ORDER BY created, id")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def delete_bootstrap(self, id: str) -> bool:
+        return self.db.execute("DELETE FROM bootstrap_tokens WHERE id=?", (id,)).rowcount == 1
+
+    def consume_bootstrap(self, id: str, *, by: str, at: float) -> bool:
+        """Mark a token used, once: False when it was used meanwhile (never twice)."""
+        return self.db.execute("UPDATE bootstrap_tokens SET used_at=?, used_by=? WHERE id=? AND used_at IS NULL",
+                               (at, by, id)).rowcount == 1
+
+    def prune_bootstrap(self, before: float) -> None:
+        self.db.execute("DELETE FROM bootstrap_tokens WHERE expires < ?", (before,))
 
 
 def _same(old: dict, new: dict) -> bool:
@@ -191,8 +301,7 @@ class ControlPlane:
         if dry_run:
             return {"results": [], "warnings": warnings, "rev": self.store.rev}
         results, stored = [], []
-        self.store.db.execute("BEGIN")
-        try:
+        with self.store.transaction():
             for obj, (kind, ns, name) in zip(checked, keys):
                 if ns:
                     obj = {**obj, "metadata": {**obj["metadata"], "namespace": ns}}
@@ -207,11 +316,6 @@ class ControlPlane:
                 stored.append(self.store.put(obj))
                 results.append({"kind": kind, "namespace": ns, "name": name,
                                 "result": "configured" if old is not None else "created"})
-            self.store.db.execute("COMMIT")
-        except BaseException:
-            self.store.db.execute("ROLLBACK")
-            self.store.rev = self.store.db.execute("SELECT v FROM meta WHERE k='rev'").fetchone()[0]
-            raise
         for obj in stored:
             self._notify("put", obj)
         return {"results": results, "warnings": warnings, "rev": self.store.rev}
@@ -321,26 +425,147 @@ class ControlPlane:
         obj.setdefault("status", {}).update(status)
         return self.op_put(obj)
 
-    def op_register_node(self, name: str, spec: dict | None = None) -> dict:
+    # --- bootstrap tokens and node registration (rules in the module docstring) ---------
+    def op_create_token(self, node: str | None = None, ttl_seconds: float | None = None,
+                        description: str = "") -> dict:
+        """An operator operation (today: whoever opens the root-only socket).  The answer
+        is the only place the secret ever appears."""
+        if node is not None:
+            _check_node_name(node)
+        ttl = BOOTSTRAP_TTL_DEFAULT.total_seconds() if ttl_seconds is None else ttl_seconds
+        top = BOOTSTRAP_TTL_MAX.total_seconds()
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= top:
+            raise BadInputError(f"bootstrap token TTL {ttl_seconds!r}: expected a number of seconds above 0 "
+                                f"and at most {top:.0f} ({BOOTSTRAP_TTL_MAX.days} days)",
+                                hint="bootstrap tokens always expire; create one when the node is about to join")
+        if not isinstance(description, str) or len(description) > 256:
+            raise BadInputError("bootstrap token description: expected a string of at most 256 characters")
+        now = time.time()
+        self.store.prune_bootstrap(now - BOOTSTRAP_KEEP_AFTER_EXPIRY.total_seconds())
+        while True:
+            id = "".join(secrets.choice(BOOTSTRAP_ALPHABET) for _ in range(6))
+            if self.store.get_bootstrap(id) is None:
+                break
+        token = f"{id}." + "".join(secrets.choice(BOOTSTRAP_ALPHABET) for _ in range(16))
+        self.store.add_bootstrap(id, token, node=node, description=description, created=now,
+                                 expires=now + ttl)
+        log.info("bootstrap token %s created (%s, expires %s)", id,
+                 f"bound to node {node}" if node else "any new node", _iso(now + ttl))
+        return {"token": token, **self._token_view(self.store.get_bootstrap(id), now)}
+
+    @staticmethod
+    def _token_view(row: dict, now: float) -> dict:
+        status = "used" if row["used_at"] is not None else "expired" if row["expires"] <= now else "valid"
+        return {"id": row["id"], "node": row["node"], "description": row["description"],
+                "created": _iso(row["created"]), "expires": _iso(row["expires"]),
+                "ttlSeconds": max(0, round(row["expires"] - now)), "status": status,
+                "usedBy": row["used_by"], "usedAt": _iso(row["used_at"]) if row["used_at"] else None}
+
+    def op_list_tokens(self) -> dict:
+        """An operator operation.  Ids and state only: secrets are not stored."""
+        now = time.time()
+        return {"tokens": [self._token_view(r, now) for r in self.store.list_bootstrap()]}
+
+    def op_delete_token(self, id: str) -> dict:
+        """An operator operation; `id` is the token's id or the whole token."""
+        m = BOOTSTRAP_TOKEN_RE.match(id) if isinstance(id, str) else None
+        tid = m.group(1) if m else id
+        if not isinstance(tid, str) or not self.store.delete_bootstrap(tid):
+            raise NotFoundError(f"bootstrap token {tid!r} not found", hint="see `meshlane token list`")
+        log.info("bootstrap token %s deleted", tid)
+        return {"id": tid}
+
+    def _bootstrap_ok(self, name: str, token, registered: bool, now: float) -> dict:
+        """The bootstrap token row if `token` may register `name` now, else a refusal
+        saying why and what to do (rules 1-4 of the module docstring)."""
+        create = f"create one with `meshlane token create --node {name}`"
+        m = BOOTSTRAP_TOKEN_RE.match(token) if isinstance(token, str) else None
+        if m is None:
+            raise PermissionDeniedError(f"registering node {name!r}: the bootstrap token is malformed "
+                                        "(expected <6 chars>.<16 chars> of [a-z0-9])", hint=create)
+        row = self.store.get_bootstrap(m.group(1))
+        # the secret is checked before anything about the token is told, in constant time,
+        # against a dummy digest when the id is unknown
+        if not hmac.compare_digest(row["digest"] if row else _digest(""), _digest(token)) or row is None:
+            raise PermissionDeniedError(f"registering node {name!r}: unknown bootstrap token "
+                                        f"{m.group(1)!r} or wrong secret", hint=create)
+        if row["used_at"] is not None:
+            raise PermissionDeniedError(f"registering node {name!r}: bootstrap token {row['id']!r} was "
+                                        f"already used (by node {row['used_by']!r} at {_iso(row['used_at'])}); "
+                                        "tokens are single use", hint=create)
+        if row["expires"] <= now:
+            raise PermissionDeniedError(f"registering node {name!r}: bootstrap token {row['id']!r} "
+                                        f"expired at {_iso(row['expires'])}", hint=create)
+        if row["node"] is not None and row["node"] != name:
+            raise PermissionDeniedError(f"registering node {name!r}: bootstrap token {row['id']!r} is "
+                                        f"bound to node {row['node']!r}", hint=create)
+        if row["node"] is None and registered:
+            raise PermissionDeniedError(
+                f"node {name!r} is already registered, and an unbound bootstrap token only registers "
+                "a new node", hint=f"re-register with the node's current token, or {create}")
+        return row
+
+    def op_register_node(self, name: str, spec: dict | None = None, bootstrap_token: str | None = None,
+                         node_token: str | None = None) -> dict:
+        """Join a node (or re-register it) and answer its new node token, the credential
+        `sign` checks.  Proof, exactly one of:
+          bootstrap_token: unused, unexpired, and bound to `name` or unbound with `name`
+                           new (it is consumed);
+          node_token:      the current token of `name`, already registered (it is rotated).
+        A refusal changes nothing."""
+        _check_node_name(name)
+        if spec is not None and not isinstance(spec, dict):
+            raise BadInputError(f"registering node {name!r}: spec must be a mapping")
+        if bootstrap_token is not None and node_token is not None:
+            raise UsageError(f"registering node {name!r}: give a bootstrap token or the node's "
+                             "current token, not both")
+        registered = self.store.has_token(name) or self.store.get("Node", "", name) is not None
+        now = time.time()
+        if bootstrap_token is None and node_token is None:
+            raise PermissionDeniedError(
+                f"registering node {name!r} needs a bootstrap token" +
+                (" or the node's current token" if registered else ""),
+                hint=f"create one with `meshlane token create --node {name}` and give it to the node")
+        row = None
+        if bootstrap_token is not None:
+            row = self._bootstrap_ok(name, bootstrap_token, registered, now)
+        elif not self.store.check_token(name, node_token):
+            raise PermissionDeniedError(
+                f"re-registering node {name!r}: the node token does not match its current one"
+                if registered else f"node {name!r} is not registered, so no node token can prove it",
+                hint=f"an operator can re-provision it: `meshlane token create --node {name}`")
         token = secrets.token_urlsafe(32)
-        self.store.set_token(name, token)
-        self.op_put({"kind": "Node", "metadata": {"name": name}, "spec": spec or {}})
-        return {"token": token}
+        with self.store.transaction():
+            if row is not None and not self.store.consume_bootstrap(row["id"], by=name, at=now):
+                raise PermissionDeniedError(f"registering node {name!r}: bootstrap token {row['id']!r} "
+                                            "was used meanwhile; tokens are single use")
+            self.store.set_token(name, token)   # replaces (so revokes) the previous one
+            old = self.store.get("Node", "", name)
+            obj = self.store.put({"kind": "Node", "metadata": {**((old or {}).get("metadata") or {}),
+                                                                "name": name},
+                                  "spec": spec if spec is not None else (old or {}).get("spec") or {}})
+        self._notify("put", obj)
+        how = (f"bootstrap token {row['id']}" if row is not None else "its node token")
+        log.info("node %s %s with %s", name, "re-registered" if registered else "registered", how)
+        return {"token": token, "node": name, "result": "re-registered" if registered else "registered"}
 
     def op_root(self) -> dict:
         return {"root": self.ca.root_pem.decode(), "trustDomain": self.trust_domain}
 
     def op_sign(self, node: str, token: str, namespace: str, pod: str, csr: str) -> dict:
-        if not self.store.check_token(node, token):
-            raise MeshError(f"node {node!r} presented a token the control plane did not issue",
-                            hint="re-register the node (`meshlane lab up` does it)")
+        if not isinstance(node, str) or not self.store.check_token(node, token):
+            raise PermissionDeniedError(
+                f"node {node!r} presented a token that is not its current node token (never issued, "
+                "or rotated by a later registration)",
+                hint=f"re-register the node with its current token, or with a bootstrap token "
+                     f"from `meshlane token create --node {node}`")
         obj = self.store.get("Pod", namespace, pod)
         if obj is None:
             raise NotFoundError(f"pod {namespace}/{pod} is not known to the control plane")
         scheduled = obj.get("spec", {}).get("nodeName")
         if scheduled != node:
-            raise MeshError(f"node {node!r} asked for the identity of pod {namespace}/{pod}, "
-                            f"which is scheduled on {scheduled!r}: refused (node-scoped CA)")
+            raise PermissionDeniedError(f"node {node!r} asked for the identity of pod {namespace}/{pod}, "
+                                        f"which is scheduled on {scheduled!r}: refused (node-scoped CA)")
         spiffe = SpiffeId(trust_domain=self.trust_domain, namespace=namespace,
                           service_account=obj.get("spec", {}).get("serviceAccountName", "default"))
         cert = self.ca.sign_csr(csr.encode(), expected=spiffe, ttl=self.cert_ttl)
@@ -372,6 +597,8 @@ class ControlPlane:
                         raise BadInputError(f"unknown operation {op!r}")
                     answer = {"ok": True, **fn(**req)}
                 except MeshError as exc:
+                    if isinstance(exc, PermissionDeniedError):   # an audit trail of refusals
+                        log.warning("refused %s: %s", op, exc.message)
                     answer = {"ok": False, "error": str(exc), "code": exc.exit_code}
                 except TypeError as exc:
                     answer = {"ok": False, "error": f"bad arguments for {op!r}: {exc}",

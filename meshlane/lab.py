@@ -224,6 +224,23 @@ def pod_object(p: topology.PodSpec, net: labnet.PodNet) -> dict:
             "status": {"podIP": net.ip, "enrolled": False}}
 
 
+LAB_BOOTSTRAP_TTL_S = 300   # used at once; short, so a token left behind is soon worthless
+
+
+def join_node(sock: str, name: str, node_dir: Path, *, spec: dict, description: str = "") -> None:
+    """Join one node as an operator would: a bootstrap token bound to the node's name
+    (`meshlane token create --node NAME`), handed to the node, which registers with it
+    and keeps the node token it gets in `node_dir/token` (0600; the ztunnel and the
+    waypoint controller read it for `sign`)."""
+    node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    boot = control_client.call(sock, "create_token", node=name, ttl_seconds=LAB_BOOTSTRAP_TTL_S,
+                               description=description)["token"]
+    token = control_client.call(sock, "register_node", name=name, bootstrap_token=boot, spec=spec)["token"]
+    fd = os.open(node_dir / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+
+
 def up(lab: str, topology_path: str | None, *, cacerts: str | None = None) -> dict:
     if os.geteuid() != 0:
         raise NeedsRootError("`meshlane lab up` needs root (namespaces, BPF)", hint="run with sudo")
@@ -257,14 +274,9 @@ def up(lab: str, topology_path: str | None, *, cacerts: str | None = None) -> di
             control_client.call(sock, "put", object={"kind": "Namespace",
                                                      "metadata": {"name": ns, "labels": labels}})
         for n in topo.nodes:
-            nd = paths.node_dir(n.name)
-            nd.mkdir(parents=True, exist_ok=True, mode=0o700)
-            token = control_client.call(sock, "register_node", name=n.name,
-                                        spec={"podCIDR": str(n.pod_cidr),
-                                              "netns": labnet.node_netns(lab, n.name)})["token"]
-            fd = os.open(nd / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
+            join_node(sock, n.name, paths.node_dir(n.name),
+                      spec={"podCIDR": str(n.pod_cidr), "netns": labnet.node_netns(lab, n.name)},
+                      description=f"lab {lab} up")
         for p in topo.pods:
             control_client.call(sock, "put", object=pod_object(p, nets[p.name]))
         if topo.services:

@@ -19,7 +19,8 @@ def test_ztunnel_renews_at_half_life(tmp_path):
         ready = asyncio.Event()
         server = asyncio.create_task(cp.serve(ready))
         await ready.wait()
-        token = cp.op_register_node("node1")["token"]
+        boot = cp.op_create_token(node="node1")["token"]   # as an operator, then the node joins
+        token = cp.op_register_node("node1", bootstrap_token=boot)["token"]
         cp.op_put({"kind": "Pod", "metadata": {"name": "client-1", "namespace": "demo"},
                    "spec": {"nodeName": "node1", "serviceAccountName": "client"},
                    "status": {"podIP": "10.244.1.10"}})
