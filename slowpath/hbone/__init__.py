@@ -11,10 +11,12 @@ Must not: do socket I/O or decide policy; the ztunnel's driver modules do both.
 from slowpath.hbone.authority import format_authority, parse_authority
 from slowpath.hbone.codec import HboneClient, HboneConnection, HboneServer
 from slowpath.hbone.events import (
+    ConnectionDraining,
     ConnectionTerminated,
     DataReceived,
     Event,
     HboneError,
+    PeerSettings,
     PingAcked,
     RequestRejected,
     StreamAccepted,
@@ -26,8 +28,8 @@ from slowpath.hbone.events import (
 )
 
 __all__ = [
-    "ConnectionTerminated", "DataReceived", "Event", "HboneClient", "HboneConnection",
-    "HboneError", "HboneServer", "PingAcked", "RequestRejected", "StreamAccepted",
+    "ConnectionDraining", "ConnectionTerminated", "DataReceived", "Event", "HboneClient",
+    "HboneConnection", "HboneError", "HboneServer", "PeerSettings", "PingAcked", "RequestRejected", "StreamAccepted",
     "StreamEnded", "StreamRefused", "StreamRequested", "StreamReset", "WindowOpened",
     "format_authority", "parse_authority",
 ]

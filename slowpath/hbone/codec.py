@@ -32,15 +32,21 @@ Decisions worth knowing:
   END_STREAM/RST_STREAM on, or receiving them for, a closed stream never raises.
 - Any protocol error from the peer becomes `ConnectionTerminated(remote=False)` with a
   GOAWAY queued; `receive_data()` never raises.
-- h2 treats GOAWAY (either direction) as the end of the connection.  Draining our own
-  side gracefully is the driver's job (stop opening streams, wait for
-  `open_streams == 0`, then `close()`).  A *peer's* graceful drain (GOAWAY NO_ERROR,
-  then finishing its open streams, as Envoy and ztunnel do) therefore ends every
-  tunnel on the connection at once here; keeping them would need GOAWAY intercepted
-  before h2 sees it.
-- The server's MAX_CONCURRENT_STREAMS (200) is enforced by h2 as a connection error if
-  a client ignores it; our client checks it before opening (`HboneError`,
-  h2_error_code REFUSED_STREAM) so the pool can open another connection.
+- GOAWAY from the peer: h2 treats any GOAWAY as the end of the connection, which would
+  kill every tunnel on it when a peer merely drains (Envoy on listener updates or
+  connection-age limits).  `_HboneH2` keeps h2 open on a NO_ERROR GOAWAY (RFC 9113
+  §6.8): streams up to its last stream id carry on, ours above it are reported as
+  `StreamReset(REFUSED_STREAM)` (never processed, safe to open elsewhere), the codec
+  opens no new stream, and `ConnectionDraining` tells the driver to close the
+  connection once its last stream ends.  A GOAWAY with an error code still ends the
+  connection (`ConnectionTerminated`).  Our own `close()` is the abrupt kind; the
+  driver drains its side by opening nothing more and closing when idle.
+- Stream limits: a server's MAX_CONCURRENT_STREAMS (200 here) exceeded by a client is a
+  *stream* error (RST_STREAM REFUSED_STREAM, RFC 9113 §5.1.2), not the connection
+  error h2 raises, so one client racing our SETTINGS cannot take down its other
+  tunnels.  Our client checks the peer's limit before opening (`HboneError`,
+  h2_error_code REFUSED_STREAM); `stream_capacity` and `PeerSettings` let the pool
+  honour the limit and its changes, and a REFUSED_STREAM reset is retryable.
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.settings import SettingCodes
+from h2.errors import ErrorCodes
 
 from meshcore import constants as C
 from slowpath.hbone import events as ev
@@ -60,6 +67,7 @@ from slowpath.hbone import h2fast
 from slowpath.hbone.authority import parse_authority
 from slowpath.hbone.events import (
     H2_CANCEL,
+    H2_CONNECT_ERROR,
     H2_INTERNAL_ERROR,
     H2_NO_ERROR,
     H2_PROTOCOL_ERROR,
@@ -68,7 +76,7 @@ from slowpath.hbone.events import (
     HboneError,
 )
 
-__all__ = ["HboneError", "HboneConnection", "HboneClient", "HboneServer"]
+__all__ = ["HboneError", "HboneConnection", "HboneClient", "HboneServer", "H2_CONNECT_ERROR"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,44 @@ _OPENING = "opening"      # client: CONNECT sent, no :status yet
 _REQUESTED = "requested"  # server: StreamRequested emitted, accept()/reject() pending
 _OPEN = "open"            # 200 exchanged: a tunnel
 _DEAD = "dead"            # refused, rejected or reset: drop whatever still arrives
+
+
+class _GracefulGoaway(h2.events.Event):
+    """h2-level event of `_HboneH2`: the peer sent GOAWAY with NO_ERROR."""
+
+    def __init__(self, last_stream_id: int, additional_data: bytes | None) -> None:
+        self.last_stream_id = last_stream_id
+        self.additional_data = additional_data
+
+
+class _HboneH2(h2fast.H2Connection):
+    """h2 with the two protocol decisions HBONE needs that h2 makes differently (see
+    the module docstring): a graceful GOAWAY keeps the connection, and a client over
+    our stream limit gets a stream error.  Everything else is h2's own behaviour."""
+
+    def _receive_goaway_frame(self, frame):
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        # RFC 9113 §6.8: the connection stays usable for streams up to last_stream_id;
+        # h2's state machine is left open so their DATA, END_STREAM and RST still flow.
+        return [], [_GracefulGoaway(frame.last_stream_id, frame.additional_data or None)]
+
+    def _receive_headers_frame(self, frame):
+        if (self.config.client_side or frame.stream_id in self.streams
+                or self.open_inbound_streams < self.local_settings.max_concurrent_streams):
+            return super()._receive_headers_frame(frame)
+        # Over our limit.  Decode the block anyway (the HPACK state is shared by the
+        # whole connection), let the stream exist for an instant so h2 knows its id
+        # was used, then refuse it on its own.
+        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        stream = self._get_or_create_stream(frame.stream_id, h2.connection.AllowedStreamIDs.ODD)
+        stream.receive_headers(headers, "END_STREAM" in frame.flags, self.config.header_encoding)
+        self.reset_stream(frame.stream_id, error_code=ErrorCodes.REFUSED_STREAM)
+        self.refused_over_limit += 1
+        return [], []
+
+    refused_over_limit = 0  # streams refused for exceeding MAX_CONCURRENT_STREAMS
 
 
 def _h2_code(code: object) -> int:
@@ -125,7 +171,7 @@ class HboneConnection:
             validate_inbound_headers=client_side,
             normalize_inbound_headers=True,
         )
-        self._conn = h2fast.H2Connection(config=config)
+        self._conn = _HboneH2(config=config)
         settings = {
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: C.H2_STREAM_WINDOW,
@@ -146,6 +192,10 @@ class HboneConnection:
         self._unacked: dict[int, int] = {}
         self._initiated = False
         self._terminated = False
+        # The peer's graceful GOAWAY: the last of our streams it will process (None:
+        # not draining).  Only ever goes down.
+        self._drain_last_id: int | None = None
+        self._peer_settings_seen = False
 
     # --- connection ------------------------------------------------------------------
 
@@ -172,6 +222,30 @@ class HboneConnection:
     def terminated(self) -> bool:
         """True once GOAWAY was sent or received (or a protocol error ended it)."""
         return self._terminated
+
+    @property
+    def draining(self) -> bool:
+        """True once the peer sent a graceful GOAWAY: no new streams here."""
+        return self._drain_last_id is not None
+
+    @property
+    def peer_settings_seen(self) -> bool:
+        """True once the peer's first SETTINGS frame arrived (its limits are known)."""
+        return self._peer_settings_seen
+
+    @property
+    def stream_capacity(self) -> int:
+        """How many more streams `open_stream()` may open now under the peer's
+        MAX_CONCURRENT_STREAMS (0 once closed or draining).  Before the peer's SETTINGS
+        arrive, h2 assumes no limit: see `peer_settings_seen`."""
+        if self._terminated or self._drain_last_id is not None:
+            return 0
+        return max(0, self._conn.remote_settings.max_concurrent_streams - self._conn.open_outbound_streams)
+
+    @property
+    def refused_over_limit(self) -> int:
+        """Streams the peer opened beyond our MAX_CONCURRENT_STREAMS (each refused)."""
+        return self._conn.refused_over_limit
 
     @property
     def open_streams(self) -> int:
@@ -277,7 +351,16 @@ class HboneConnection:
             grew = SettingCodes.INITIAL_WINDOW_SIZE in changed and (
                 (changed[SettingCodes.INITIAL_WINDOW_SIZE].new_value or 0)
                 > (changed[SettingCodes.INITIAL_WINDOW_SIZE].original_value or 0))
-            return [ev.WindowOpened(stream_id=None)] if grew or SettingCodes.MAX_FRAME_SIZE in changed else []
+            out: list[ev.Event] = []
+            if grew or SettingCodes.MAX_FRAME_SIZE in changed:
+                out.append(ev.WindowOpened(stream_id=None))
+            if not self._peer_settings_seen or SettingCodes.MAX_CONCURRENT_STREAMS in changed:
+                self._peer_settings_seen = True
+                out.append(ev.PeerSettings(
+                    max_concurrent_streams=self._conn.remote_settings.max_concurrent_streams))
+            return out
+        if isinstance(event, _GracefulGoaway):
+            return self._on_graceful_goaway(event)
         if isinstance(event, h2.events.PingAckReceived):
             return [ev.PingAcked(payload=bytes(event.ping_data))]
         if isinstance(event, h2.events.ConnectionTerminated):
@@ -297,6 +380,25 @@ class HboneConnection:
         # InformationalResponseReceived (1xx), TrailersReceived (StreamEnded follows),
         # UnknownFrameReceived, AlternativeServiceAvailable: nothing for the driver.
         return []
+
+    def _on_graceful_goaway(self, event: _GracefulGoaway) -> list[ev.Event]:
+        last = event.last_stream_id
+        if self._drain_last_id is not None:
+            last = min(last, self._drain_last_id)
+        self._drain_last_id = last
+        out: list[ev.Event] = []
+        # Our streams above `last` were never processed: refused, retryable.  (Only
+        # streams we initiated are covered by the peer's last stream id.)
+        mine = 1 if self.client_side else 0
+        for sid, phase in sorted(self._streams.items()):
+            if sid > last and sid % 2 == mine and phase in (_OPENING, _OPEN):
+                self._reset(sid, H2_REFUSED_STREAM)
+                self._kill(sid)
+                out.append(ev.StreamReset(stream_id=sid, error_code=H2_REFUSED_STREAM))
+        data = event.additional_data
+        reason = (data.decode("utf-8", "replace") if data else "peer sent GOAWAY (NO_ERROR): draining")
+        out.append(ev.ConnectionDraining(last_stream_id=last, reason=reason))
+        return out
 
     def _on_data(self, event: h2.events.DataReceived) -> list[ev.Event]:
         sid, n = event.stream_id, event.flow_controlled_length
@@ -467,6 +569,10 @@ class HboneClient(HboneConnection):
         if self._terminated:
             raise HboneError(f"cannot open a stream to {authority}: the HBONE connection is closed",
                              h2_error_code=H2_STREAM_CLOSED, hint="open a new connection")
+        if self._drain_last_id is not None:
+            raise HboneError(f"cannot open a stream to {authority}: the peer is draining this "
+                             "connection (GOAWAY)", h2_error_code=H2_REFUSED_STREAM,
+                             hint="open another HBONE connection")
         limit = self._conn.remote_settings.max_concurrent_streams
         if self._conn.open_outbound_streams >= limit:
             raise HboneError(

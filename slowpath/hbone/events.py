@@ -28,6 +28,7 @@ H2_INTERNAL_ERROR = 0x2
 H2_STREAM_CLOSED = 0x5
 H2_REFUSED_STREAM = 0x7
 H2_CANCEL = 0x8
+H2_CONNECT_ERROR = 0xA       # RFC 9113 §8.5: the tunnel's TCP connection was reset or failed
 
 
 class HboneError(MeshError):
@@ -122,7 +123,12 @@ class StreamEnded(Event):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StreamReset(Event):
     """The stream was aborted: the peer sent RST_STREAM with `error_code` (Envoy does
-    this on an abortive close).  Nothing more will be reported for the stream."""
+    this on an abortive close).  Nothing more will be reported for the stream.
+
+    `error_code == H2_REFUSED_STREAM` on a stream we opened means the peer never
+    processed it (RFC 9113 §8.7): the peer refused it (its stream limit), or a graceful
+    GOAWAY's last stream id was below it.  Opening it again elsewhere is safe.
+    """
     stream_id: int
     error_code: int
 
@@ -151,6 +157,26 @@ class ConnectionTerminated(Event):
     last_stream_id: int | None
     reason: str
     remote: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConnectionDraining(Event):
+    """The peer sent a graceful GOAWAY (NO_ERROR): it is draining (Envoy on listener
+    updates or connection-age limits, a ztunnel shutting down).  Streams up to
+    `last_stream_id` carry on until they end; ours above it were never seen and have
+    already been reported as `StreamReset(error_code=H2_REFUSED_STREAM)`.  No new
+    stream can be opened here: open it on another connection, and close this one once
+    its last stream is done.  May come more than once, the id only ever going down.
+    """
+    last_stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerSettings(Event):
+    """The peer's SETTINGS arrived (the first one, or a change): its stream limit may
+    have moved.  `max_concurrent_streams` is the peer's current limit."""
+    max_concurrent_streams: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -15,12 +15,14 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame, SettingsFrame, 
 from meshcore import constants as C
 from meshcore.errors import MeshError
 from slowpath.hbone import (
+    ConnectionDraining,
     ConnectionTerminated,
     DataReceived,
     Event,
     HboneClient,
     HboneError,
     HboneServer,
+    PeerSettings,
     PingAcked,
     RequestRejected,
     StreamAccepted,
@@ -484,21 +486,114 @@ def test_ping_is_acked_with_its_payload(pipe):
     assert c == [PingAcked(payload=payload)]
 
 
-def test_goaway_terminates_and_later_calls_are_safe(pipe):
-    sid = open_accepted(pipe)
-    pipe.client.close()
+def goaway(last_stream_id: int, error_code: int = 0, data: bytes = b"") -> bytes:
+    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code,
+                       additional_data=data).serialize()
+
+
+def test_graceful_goaway_lets_open_streams_finish_and_refuses_the_rest(pipe):
+    """A draining peer (GOAWAY NO_ERROR, last id 1): stream 1 carries on both ways and
+    ends cleanly; stream 3, above the last id, is refused (retryable) at once; no new
+    stream can be opened on the connection."""
+    first = open_accepted(pipe)
+    second = pipe.client.open_stream("10.0.0.5:8081")
+    pipe.pump()
+    events = pipe.client.receive_data(goaway(first, data=b"draining"))
+    assert events == [StreamReset(stream_id=second, error_code=0x7),
+                      ConnectionDraining(last_stream_id=first, reason="draining")]
+    assert pipe.client.draining and not pipe.client.terminated
+    assert pipe.client.stream_capacity == 0
+    with pytest.raises(HboneError) as e:
+        pipe.client.open_stream("10.0.0.5:8082")
+    assert e.value.h2_error_code == 0x7 and "draining" in str(e.value)
+    pipe.client.send_data(first, b"ping")
+    pipe.server.send_data(first, b"pong")
     c, s = pipe.pump()
-    assert s == [ConnectionTerminated(error_code=0, last_stream_id=0, reason="peer sent GOAWAY (0x0)")]
-    assert pipe.client.terminated and pipe.server.terminated
+    assert [d.data for d in of(s, DataReceived) if d.stream_id == first] == [b"ping"]
+    assert [d.data for d in of(c, DataReceived)] == [b"pong"]
+    pipe.client.end_stream(first)
+    pipe.server.end_stream(first)
+    c, s = pipe.pump()
+    assert StreamEnded(stream_id=first) in c and StreamEnded(stream_id=first) in s
+    assert not of(c + s, ConnectionTerminated)
+    assert pipe.client.open_streams == 0
+    # a second GOAWAY may only lower the id; its default reason names the drain
+    assert pipe.client.receive_data(goaway(5)) == [
+        ConnectionDraining(last_stream_id=first, reason="peer sent GOAWAY (NO_ERROR): draining")]
+
+
+def test_goaway_with_an_error_terminates_and_later_calls_are_safe(pipe):
+    sid = open_accepted(pipe)
+    events = pipe.client.receive_data(goaway(sid, error_code=0x2))
+    assert events == [ConnectionTerminated(error_code=0x2, last_stream_id=sid,
+                                           reason="peer sent GOAWAY (0x2)")]
+    assert pipe.client.terminated
     with pytest.raises(HboneError):
         pipe.client.open_stream("10.0.0.1:80")
     with pytest.raises(HboneError):
-        pipe.server.send_data(sid, b"x")
-    pipe.server.end_stream(sid)
+        pipe.client.send_data(sid, b"x")
+    pipe.client.end_stream(sid)
+    pipe.client.reset_stream(sid)
+    pipe.client.close()
+    assert pipe.client.send_window(sid) == 0
+    assert pipe.client.receive_data(b"\x00" * 30) == []
+
+
+def test_our_close_sends_goaway_and_the_server_drains(pipe):
+    sid = open_accepted(pipe)
+    pipe.client.close()
+    _, s = pipe.pump()
+    assert s == [ConnectionDraining(last_stream_id=0, reason="peer sent GOAWAY (NO_ERROR): draining")]
+    assert pipe.client.terminated and not pipe.server.terminated
+    pipe.server.end_stream(sid)   # the server may still finish its side
     pipe.server.reset_stream(sid)
-    pipe.server.close()
-    assert pipe.server.send_window(sid) == 0
-    assert pipe.server.receive_data(b"\x00" * 30) == []
+
+
+def test_client_over_the_stream_limit_is_refused_per_stream():
+    """A client that ignores our MAX_CONCURRENT_STREAMS (or races our SETTINGS) gets
+    REFUSED_STREAM for the extra stream only; its other tunnels and the HPACK state
+    survive (RFC 9113 §5.1.2)."""
+    server = HboneServer()
+    server.initiate()
+    raw = raw_client()
+    events: list = []
+    list(raw_exchange(raw, server, events))
+    limit = C.H2_SERVER_MAX_CONCURRENT_STREAMS
+    # ignore the limit the server advertised
+    raw.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 10 * limit
+    raw.remote_settings.acknowledge()
+    for i in range(limit + 2):
+        raw.send_headers(1 + 2 * i, [(":method", "CONNECT"), (":authority", f"10.0.0.5:{1000 + i}"),
+                                     ("x-pad", "same value each time, from the HPACK table")])
+    got = list(raw_exchange(raw, server, events))
+    assert len(of(events, StreamRequested)) == limit
+    assert not of(events, ConnectionTerminated)
+    resets = [e for e in got if isinstance(e, h2.events.StreamReset)]
+    assert [(r.stream_id, r.error_code) for r in resets] == [(1 + 2 * limit, 7), (3 + 2 * limit, 7)]
+    assert server.refused_over_limit == 2
+    # a slot frees up: the next stream is served, its headers decoded correctly
+    server.reject(1, 503)
+    list(raw_exchange(raw, server, events))
+    raw.send_headers(5 + 2 * limit, [(":method", "CONNECT"), (":authority", "10.0.0.7:7"),
+                                     ("x-pad", "same value each time, from the HPACK table")])
+    events.clear()
+    list(raw_exchange(raw, server, events))
+    [req] = of(events, StreamRequested)
+    assert req.authority == "10.0.0.7:7"
+    assert req.headers["x-pad"] == "same value each time, from the HPACK table"
+
+
+def test_peer_settings_report_the_stream_limit_and_its_changes():
+    p = CodecPipe()
+    c, s = p.pump()
+    assert PeerSettings(max_concurrent_streams=C.H2_SERVER_MAX_CONCURRENT_STREAMS) in c
+    assert p.client.peer_settings_seen
+    assert p.client.stream_capacity == C.H2_SERVER_MAX_CONCURRENT_STREAMS
+    p.server.h2_connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 3})
+    c, _ = p.pump()
+    assert PeerSettings(max_concurrent_streams=3) in c
+    p.client.open_stream("10.0.0.1:1")
+    assert p.client.stream_capacity == 2
 
 
 def test_garbage_instead_of_preface_terminates_without_raising():
