@@ -12,6 +12,9 @@ PORT_HBONE = 15008           # in-pod: mTLS + HTTP/2 CONNECT tunnels
 PORT_ADMIN = 15000           # ztunnel admin (loopback of the node)
 PORT_STATS = 15020           # prometheus metrics
 PORT_READY = 15021           # /healthz/ready
+# What the ztunnel serves inside every enrolled pod.  Never a destination: a CONNECT or
+# plaintext connection to one of these would be proxied back into the ztunnel (a loop).
+POD_LISTENER_PORTS = (PORT_OUTBOUND, PORT_INBOUND_PLAIN, PORT_HBONE)
 
 # --- socket marks --------------------------------------------------------------------
 # Every socket the ztunnel opens carries MARK_ZTUNNEL in its low 12 bits, so connect4 and
@@ -45,6 +48,7 @@ H2_SERVER_MAX_CONCURRENT_STREAMS = 200
 H2_PING_INTERVAL_S = 10.0
 H2_PING_TIMEOUT_S = 20.0
 POOL_MAX_STREAMS_PER_CONN = 100
+HBONE_OPEN_ATTEMPTS = 3      # a CONNECT the peer did not process (REFUSED_STREAM) is retried
 POOL_IDLE_TIMEOUT_S = 300.0
 
 # --- exit codes (sysexits) -----------------------------------------------------------

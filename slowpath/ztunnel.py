@@ -46,7 +46,15 @@ from meshcore import constants as C
 from meshcore.errors import MeshError
 from meshcore.identity import SpiffeId
 from slowpath import certs, control_client, tls, zds
-from slowpath.driver import AppSide, HboneLink, HboneRefused, Pipe, tune_allocator
+from slowpath.driver import (
+    AppSide,
+    HboneLink,
+    HboneRefused,
+    Pipe,
+    StreamRetry,
+    abort_with_rst,
+    tune_allocator,
+)
 from slowpath.hbone.authority import format_authority
 from slowpath.hbone import events as ev
 from slowpath.state import ServiceStore, Workload, WorkloadStore, uid_of
@@ -75,6 +83,11 @@ class LocalPod:
     server_ctx: object = None
     servers: list = field(default_factory=list)
     renew_handle: asyncio.TimerHandle | None = None
+    inbound_links: set = field(default_factory=set)   # HBONE links accepted on its 15008
+
+
+class OwnPortError(MeshError):
+    """A connection asked for a port the ztunnel itself serves in the pod."""
 
 
 class Ztunnel:
@@ -99,6 +112,7 @@ class Ztunnel:
         self.pool: dict[tuple, list[HboneLink]] = {}
         self.dialing: dict[tuple, asyncio.Future] = {}
         self.recent = collections.deque(maxlen=500)
+        self.counters: collections.Counter = collections.Counter()  # admin /stats
         self.open: dict[int, dict] = {}   # live connections (admin /connections), by serial
         self._serial = 0
         self.zds_synced = False
@@ -134,22 +148,27 @@ class Ztunnel:
 
     # --- access log ---------------------------------------------------------------------
     def record(self, **fields) -> None:
+        """Write one access record; a failed connection also counts under its error
+        kind (admin /stats: `failed.<kind>`), so a log line and a counter agree."""
+        if fields.get("error"):
+            self.counters[f"failed.{fields['error']}"] += 1
         fields.setdefault("time", datetime.now(timezone.utc).isoformat())
         self.recent.append(fields)
         access.info(json.dumps(fields, sort_keys=True))
 
     def opened(self, desc: dict, started: float, *, inbound: bool = False):
         """List a connection as open (admin /connections) and return its close callback,
-        which takes the byte counts (a, b) of the Pipe or tunnel, forgets it and writes its
-        access record: `desc` plus bytes and duration.  Inbound, a is what the peer sent
-        us (bytes_received) and b what went back."""
+        `closed(request_bytes, response_bytes)` (client -> server, server -> client),
+        which forgets it and writes its access record: `desc` plus bytes and duration.
+        The record counts from the reporting workload's side: outbound, the request is
+        what it sent (bytes_sent); inbound, what it received (bytes_received)."""
         self._serial += 1
         serial = self._serial
         self.open[serial] = dict(desc, since=datetime.now(timezone.utc).isoformat())
 
-        def closed(a: int, b: int) -> None:
+        def closed(request: int, response: int) -> None:
             self.open.pop(serial, None)
-            sent, received = (b, a) if inbound else (a, b)
+            sent, received = (response, request) if inbound else (request, response)
             self.record(**desc, bytes_sent=sent, bytes_received=received,
                         duration_ms=round((time.monotonic() - started) * 1000, 2))
         return closed
@@ -188,9 +207,23 @@ class Ztunnel:
             s.close()
         if pod.renew_handle:
             pod.renew_handle.cancel()
+        links = self._retire_links_of(pod)
         os.close(pod.netns_fd)
-        log.info("pod %s removed", uid)
+        log.info("pod %s removed (%d HBONE connection(s) closing: now if idle, else when their "
+                 "last stream ends)", uid, links)
         return True
+
+    def _retire_links_of(self, pod: LocalPod) -> int:
+        """A pod left the mesh: none of its HBONE connections (pooled from it, or
+        accepted on its 15008) takes a new stream, and each closes once idle, so no
+        socket keeps its netns alive.  Returns how many there were."""
+        links = list(pod.inbound_links)
+        pod.inbound_links.clear()
+        for key in [k for k in self.pool if k[3] == pod.ip]:
+            links += self.pool.pop(key)
+        for link in links:
+            link.retire()
+        return len(links)
 
     async def _issue_cert(self, pod: LocalPod) -> None:
         key = certs.generate_key()
@@ -281,7 +314,7 @@ class Ztunnel:
         if dst is None:
             log.warning("outbound connection from %s port %d has no original destination; closing",
                         pod.uid, peer[1])
-            app.transport.abort()
+            abort_with_rst(app.transport)
             return
         try:
             svc = self.services.at(dst[0])
@@ -300,7 +333,7 @@ class Ztunnel:
             self.record(direction="outbound", src=pod.uid, dst=f"{dst[0]}:{dst[1]}",
                         error=type(exc).__name__, reason=str(exc))
             if app.transport and not app.lost:
-                app.transport.abort()
+                abort_with_rst(app.transport)
 
     async def _to_service(self, pod: LocalPod, app: AppSide, client_port: int,
                           dst: tuple[str, int], svc) -> None:
@@ -329,7 +362,7 @@ class Ztunnel:
     def _refuse(self, pod: LocalPod, app: AppSide, dst: tuple[str, int], reason: str, **extra) -> None:
         self.record(direction="outbound", src=pod.uid, src_identity=pod.spiffe.uri,
                     dst=f"{dst[0]}:{dst[1]}", **extra, error="NO_ROUTE", reason=reason)
-        app.transport.abort()
+        abort_with_rst(app.transport)
 
     async def _via_waypoint(self, pod: LocalPod, app: AppSide, client_port: int, dst: tuple[str, int],
                             wp, *, what: str, **extra) -> None:
@@ -350,12 +383,32 @@ class Ztunnel:
             direction="outbound", protocol="PASSTHROUGH", src=pod.uid, src_identity=pod.spiffe.uri,
             dst=f"{dst[0]}:{dst[1]}", **(extra or {})), started))
 
-    async def _link_for(self, pod: LocalPod, target: Workload) -> HboneLink:
+    async def _link_for(self, pod: LocalPod, target: Workload, deadline: float) -> HboneLink:
+        """A pooled link to `target` with a free stream slot, dialling another when every
+        link is full.  The slot is only as good as the caller's next synchronous step:
+        it must call `start_open` before awaiting anything."""
         key = (pod.spiffe.uri, target.spiffe.uri, str(target.ip), pod.ip)
         while True:
-            for link in self.pool.get(key, []):
-                if not link.dead and link.handshaken and link.load < C.POOL_MAX_STREAMS_PER_CONN:
+            links = self.pool.get(key, [])
+            for link in links:
+                if link.capacity > 0:
                     return link
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no HBONE stream slot to {target.ip}:{C.PORT_HBONE} ({target.uid}) "
+                                   f"in time: {len(links)} connection(s), all at the peer's stream limit")
+            # a fresh link takes one stream until the peer's SETTINGS say how many
+            fresh = [link for link in links if not link.dead and not link.draining
+                     and not link.settings_seen.done()]
+            if fresh:
+                try:
+                    await asyncio.wait_for(asyncio.shield(fresh[0].settings_seen), remaining)
+                except TimeoutError:
+                    raise TimeoutError(f"HBONE peer {target.ip}:{C.PORT_HBONE} ({target.uid}) sent no "
+                                       "HTTP/2 SETTINGS") from None
+                except ConnectionError:
+                    pass
+                continue
             pending = self.dialing.get(key)
             if pending is not None:
                 await asyncio.shield(pending)
@@ -364,8 +417,11 @@ class Ztunnel:
             self.dialing[key] = fut
             try:
                 link = await self._dial(pod, target, key)
-                self.pool.setdefault(key, []).append(link)
-                return link
+                if pod.uid in self.pods:
+                    self.pool.setdefault(key, []).append(link)
+                else:
+                    link.retire()  # the pod left while we dialled
+                    raise ConnectionError(f"pod {pod.uid} left the mesh")
             finally:
                 self.dialing.pop(key, None)
                 fut.set_result(None)
@@ -406,25 +462,40 @@ class Ztunnel:
                          dst: tuple[str, int], target: Workload, *, extra: dict | None = None) -> None:
         """One HBONE stream to `target` (its 15008) asking for `dst` (the :authority):
         the workload itself, or a waypoint asked for a Service VIP."""
-        link = await self._link_for(pod, target)
         headers = [
             ("forwarded", f'for="{pod.ip}:{client_port}"'),
             ("baggage", f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name},"
                         f"service.name={pod.service_account}"),
             ("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),
         ]
+        authority = format_authority(dst[0], dst[1])
         started = time.monotonic()
-        try:
-            sid = await asyncio.wait_for(link.open(format_authority(dst[0], dst[1]), headers), 15)
-        except TimeoutError:
-            raise TimeoutError(f"no answer to CONNECT {dst[0]}:{dst[1]} from {target.ip}:{C.PORT_HBONE} "
-                               f"({target.uid}) in 15 s") from None
-        except HboneRefused as exc:
-            self.record(direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
-                        dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=exc.status,
-                        error="CONNECT", **(extra or {}))
-            app.transport.abort()
-            return
+        deadline = self.loop.time() + 15
+        attempt = 0
+        while True:
+            attempt += 1
+            link = await self._link_for(pod, target, deadline)
+            try:
+                sid, answer = link.start_open(authority, headers)   # takes the slot now
+                await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - self.loop.time()))
+                break
+            except StreamRetry as exc:
+                # never processed by the peer (its stream limit, or it is draining)
+                if attempt >= C.HBONE_OPEN_ATTEMPTS:
+                    raise StreamRetry(f"CONNECT {authority} to {target.ip}:{C.PORT_HBONE} refused "
+                                      f"{attempt} times: {exc}") from None
+                log.info("CONNECT %s to %s: %s; retrying on another connection", authority,
+                         target.uid, exc)
+            except TimeoutError:
+                link.cancel_open(sid)
+                raise TimeoutError(f"no answer to CONNECT {dst[0]}:{dst[1]} from {target.ip}:{C.PORT_HBONE} "
+                                   f"({target.uid}) in 15 s") from None
+            except HboneRefused as exc:
+                self.record(direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
+                            dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=exc.status,
+                            error="CONNECT", **(extra or {}))
+                abort_with_rst(app.transport)
+                return
         link.bind(sid, app, on_close=self.opened(dict(
             direction="outbound", protocol="HBONE", src=pod.uid, src_identity=pod.spiffe.uri,
             dst=f"{dst[0]}:{dst[1]}", dst_identity=target.spiffe.uri, status=200, **(extra or {})),
@@ -467,11 +538,15 @@ class Ztunnel:
                             policy=d.policy, closed_by_policy_change=True)
                 self.live.pop(key, None)
                 if up.transport and not up.lost:
-                    up.transport.abort()
+                    abort_with_rst(up.transport)
 
     # --- inbound ------------------------------------------------------------------------
     async def _connect_app(self, pod: LocalPod, src_ip: str, port: int) -> AppSide:
-        """Connect to the app in `pod` as if from `src_ip` (the app sees the client)."""
+        """Connect to the app in `pod` as if from `src_ip` (the app sees the client).
+        Never to a port the ztunnel itself serves there: that would loop back into us."""
+        if port in C.POD_LISTENER_PORTS:
+            raise OwnPortError(f"port {port} of {pod.ip} is the ztunnel's own listener in pod {pod.uid}, "
+                               "not an app port: refused (it would loop back into the ztunnel)")
         s = self._socket_in(pod, mark=C.MARK_INBOUND, transparent=True)
         try:
             s.bind((src_ip, 0))
@@ -493,13 +568,19 @@ class Ztunnel:
         peer = app.transport.get_extra_info("peername")
         local = app.transport.get_extra_info("sockname")
         started = time.monotonic()
+        if local[1] in C.POD_LISTENER_PORTS:
+            self.record(direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
+                        dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, error="CONNECT",
+                        reason=f"port {local[1]} is the ztunnel's own listener, not an app port")
+            abort_with_rst(app.transport)
+            return
         conn = authz.Conn(src_ip=ip_address(peer[0]), dst_ip=ip_address(pod.ip), dst_port=local[1])
         decision = self.authorize(pod, conn)
         if not decision.allow:
             self.record(direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
                         dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, error="POLICY",
                         reason=str(decision), policy=decision.policy)
-            app.transport.abort()
+            abort_with_rst(app.transport)
             return
         try:
             up = await self._connect_app(pod, peer[0], local[1])
@@ -507,7 +588,7 @@ class Ztunnel:
             self.record(direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}",
                         dst=f"{local[0]}:{local[1]}", dst_workload=pod.uid, error="CONNECT",
                         reason=str(exc))
-            app.transport.abort()
+            abort_with_rst(app.transport)
             return
         Pipe(app, up, on_close=self._track(pod, conn, up, self.opened(dict(
             direction="inbound", protocol="TCP", src=f"{peer[0]}:{peer[1]}", src_identity=None,
@@ -515,9 +596,27 @@ class Ztunnel:
 
     def _hbone_factory(self, pod: LocalPod):
         def factory():
-            return HboneLink(context=pod.server_ctx, server_side=True, trust_domain=self.trust_domain,
-                             on_request=lambda link, e: self.spawn(self._hbone_in(pod, link, e)))
+            link = HboneLink(context=pod.server_ctx, server_side=True, trust_domain=self.trust_domain,
+                             on_request=lambda link, e: self.spawn(self._hbone_in(pod, link, e)),
+                             on_idle=self._inbound_idle(pod),
+                             on_failure=lambda link, exc: self._tls_refused(pod, link, exc))
+            pod.inbound_links.add(link)
+            return link
         return factory
+
+    def _tls_refused(self, pod: LocalPod, link: HboneLink, exc: Exception) -> None:
+        """A peer failed our TLS checks on the pod's 15008 (an alert went out)."""
+        peer = link.peer_addr or ("?", 0)
+        log.warning("refused HBONE peer %s:%s at %s's 15008: %s", peer[0], peer[1], pod.uid, exc)
+        self.record(direction="inbound", protocol="HBONE", src=f"{peer[0]}:{peer[1]}",
+                    dst_workload=pod.uid, dst_identity=pod.spiffe.uri, error="TLS_FAILURE",
+                    reason=str(exc))
+
+    def _inbound_idle(self, pod: LocalPod):
+        def on_idle(link: HboneLink) -> None:
+            if link.dead:
+                pod.inbound_links.discard(link)
+        return on_idle
 
     async def _hbone_in(self, pod: LocalPod, link: HboneLink, e: ev.StreamRequested) -> None:
         peer_ip = link.peer_addr[0]
@@ -525,33 +624,36 @@ class Ztunnel:
         common = dict(direction="inbound", protocol="HBONE", src=peer_ip, src_identity=src_id,
                       dst=e.authority, dst_workload=pod.uid, dst_identity=pod.spiffe.uri)
         if e.host != pod.ip:
-            link.codec.reject(e.stream_id, 503)
-            link.flush()
+            link.reject(e.stream_id, 503)
             self.record(**common, status=503, error="CONNECT", reason="no such workload here")
+            return
+        if e.port in C.POD_LISTENER_PORTS:
+            # as Istio's ztunnel: the mesh's own ports are never a tunnel's destination
+            link.reject(e.stream_id, 503)
+            self.record(**common, status=503, error="CONNECT",
+                        reason=f"port {e.port} is the ztunnel's own listener, not an app port")
             return
         conn = authz.Conn(src_ip=ip_address(peer_ip), dst_ip=ip_address(pod.ip), dst_port=e.port,
                           src_identity=link.peer_identity)
         decision = self.authorize(pod, conn)
         if not decision.allow:
-            link.codec.reject(e.stream_id, 401)
-            link.flush()
+            link.reject(e.stream_id, 401)
             self.record(**common, status=401, error="POLICY", reason=str(decision), policy=decision.policy)
             return
         started = time.monotonic()
         try:
             up = await self._connect_app(pod, peer_ip, e.port)
         except Exception as exc:
-            link.codec.reject(e.stream_id, 503)
-            link.flush()
+            link.reject(e.stream_id, 503)
             self.record(**common, status=503, error="CONNECT", reason=str(exc))
             return
-        if link.dead:
-            up.transport.abort()
-            return
-        link.codec.accept(e.stream_id)
-        link.flush()
-        link.bind(e.stream_id, up, on_close=self._track(pod, conn, up, self.opened(
-            dict(common, status=200), started, inbound=True)))
+        if link.awaiting_answer(e.stream_id):
+            desc = dict(common, status=200)
+        else:  # the client gave up while we connected: it gets no 200, the app its bytes + RST
+            desc = dict(common, error="CONNECT", reason="the client reset the stream before the answer")
+        closed = self._track(pod, conn, up, self.opened(desc, started, inbound=True))
+        # the Tunnel counts (from the app = the response, from the peer = the request)
+        link.accept(e.stream_id, up, on_close=lambda from_app, from_peer: closed(from_peer, from_app))
 
     # --- control plane watch -------------------------------------------------------------
     async def watch_workloads(self) -> None:
@@ -665,6 +767,9 @@ class Ztunnel:
                 code, body = (200, "ready\n") if self.ready() else (503, "not ready\n")
             elif path.startswith("/config_dump"):
                 code, body = 200, json.dumps(self.config_dump(), indent=1) + "\n"
+            elif path.startswith("/stats"):
+                code, body = 200, json.dumps({"counters": dict(sorted(self.counters.items()))},
+                                             indent=1) + "\n"
             elif path.startswith("/connections"):
                 code, body = 200, json.dumps({"open": list(self.open.values()),
                                               "recent": list(self.recent)}, indent=1) + "\n"

@@ -185,6 +185,9 @@ class FakeTransport:
     def get_extra_info(self, name):
         return None
 
+    def get_write_buffer_size(self):
+        return 0
+
 
 def test_window_update_and_reset_in_one_batch_do_not_kill_the_link():
     """WINDOW_UPDATE then RST_STREAM for a stream with queued bytes, read together: the
