@@ -263,15 +263,19 @@ class Pipe:
             if exc is not None or id(src) not in self.eofs:
                 # src was reset (or went without its FIN): dst gets what src sent, then RST
                 reset_after_flush(dst.transport)
-            self._finish()
+                self._finish(leave=dst)
+            else:
+                self._finish()
         return lost
 
-    def _finish(self) -> None:
+    def _finish(self, leave: AppSide | None = None) -> None:
+        """Close both sides (FIN after what is queued), except `leave`, which a reset
+        is already taking care of."""
         if self.closed:
             return
         self.closed = True
         for side in (self.a, self.b):
-            if side.transport and not side.lost and not side.transport.is_closing():
+            if side is not leave and side.transport and not side.lost and not side.transport.is_closing():
                 side.transport.close()
         if self.on_close:
             self.on_close(self.bytes[id(self.a)], self.bytes[id(self.b)])
