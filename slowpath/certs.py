@@ -43,7 +43,8 @@ def make_csr(key: ec.EllipticCurvePrivateKey, spiffe: SpiffeId) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    """Every URI SAN of `cert`, in order (a SPIFFE leaf has exactly one)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -57,7 +58,7 @@ def spiffe_of(cert: x509.Certificate) -> SpiffeId | None:
     BadInputError if there are several URI SANs (a SPIFFE leaf has exactly one) or the one
     URI SAN is not a SPIFFE ID.
     """
-    uris = _uri_sans(cert)
+    uris = uri_sans(cert)
     if not uris:
         return None
     if len(uris) > 1:

@@ -513,8 +513,7 @@ class HboneLink(asyncio.BufferedProtocol):
             return
         except (ssl.SSLError, OSError) as exc:
             self._write_tls()  # the alert, if OpenSSL made one
-            self._fail(tls.TlsIdentityError(f"TLS handshake with {self.peer_addr} failed: {exc}"),
-                       graceful=True)
+            self._fail(tls.handshake_error(self.sslobj, exc, peer=self.peer_addr), graceful=True)
             return
         self._write_tls()
         try:

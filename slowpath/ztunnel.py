@@ -79,7 +79,7 @@ class LocalPod:
     cookie: int
     spiffe: SpiffeId
     cert: certs.WorkloadCert | None = None
-    client_ctx: object = None
+    client_ctxs: tls.ClientContexts | None = None   # one per destination identity
     server_ctx: object = None
     servers: list = field(default_factory=list)
     renew_handle: asyncio.TimerHandle | None = None
@@ -235,8 +235,8 @@ class Ztunnel:
                                             chain_pem=ans["chain"].encode(),
                                             root_pem=ans["root"].encode())
         pod.cert = cert
-        pod.client_ctx = tls.client_context(cert)
-        pod.server_ctx = tls.server_context(cert)
+        pod.client_ctxs = tls.ClientContexts(cert)
+        pod.server_ctx = tls.server_context(cert, trust_domain=self.trust_domain)
         delay = max(1.0, (cert.renew_at - datetime.now(timezone.utc)).total_seconds())
         pod.renew_handle = self.loop.call_later(delay, self._renew, pod.uid)
 
@@ -433,7 +433,7 @@ class Ztunnel:
         except TimeoutError:
             raise TimeoutError(f"TCP connect to {where} not done in 10 s") from None
         _, link = await self.loop.create_connection(
-            lambda: HboneLink(context=pod.client_ctx, server_side=False,
+            lambda: HboneLink(context=pod.client_ctxs.get(target.spiffe), server_side=False,
                               expected_peer=target.spiffe, on_idle=self._idle(key)), sock=s)
         try:
             await asyncio.wait_for(link.ready, 10)
@@ -605,12 +605,17 @@ class Ztunnel:
         return factory
 
     def _tls_refused(self, pod: LocalPod, link: HboneLink, exc: Exception) -> None:
-        """A peer failed our TLS checks on the pod's 15008 (an alert went out)."""
+        """A peer failed the TLS handshake on the pod's 15008; when our checks refused it
+        (no single SPIFFE ID of this trust domain, no h2), OpenSSL sent the alert."""
         peer = link.peer_addr or ("?", 0)
-        log.warning("refused HBONE peer %s:%s at %s's 15008: %s", peer[0], peer[1], pod.uid, exc)
+        kind = getattr(exc, "kind", tls.HANDSHAKE)
+        self.counters[f"tls_refused.{kind}"] += 1
+        log.warning("refused HBONE peer %s:%s at %s's 15008 (%s): %s", peer[0], peer[1], pod.uid, kind, exc)
+        claimed = getattr(getattr(exc, "refusal", None), "peer", None)   # what its leaf said, if readable
         self.record(direction="inbound", protocol="HBONE", src=f"{peer[0]}:{peer[1]}",
-                    dst_workload=pod.uid, dst_identity=pod.spiffe.uri, error="TLS_FAILURE",
-                    reason=str(exc))
+                    src_identity=getattr(claimed, "uri", None) or (str(claimed) if claimed else None),
+                    dst_workload=pod.uid,
+                    dst_identity=pod.spiffe.uri, error="TLS_FAILURE", tls_failure=kind, reason=str(exc))
 
     def _inbound_idle(self, pod: LocalPod):
         def on_idle(link: HboneLink) -> None:

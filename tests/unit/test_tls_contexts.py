@@ -12,7 +12,7 @@ import pytest
 from meshcore.errors import BadInputError, MeshError
 from meshcore.identity import SpiffeId
 from meshlane.ca import CertificateAuthority
-from slowpath import certs, tls
+from slowpath import certs, tls, tlsverify
 from tests.unit.test_ca import issue, make_cacerts_dir, pem
 
 CLIENT = SpiffeId(namespace="shop", service_account="web")
@@ -104,6 +104,21 @@ def test_contexts_pin_tls13_and_mutual(client_cert, server_cert):
         assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_3
         assert ctx.verify_mode == ssl.CERT_REQUIRED
         assert ctx.check_hostname is False
+        assert tlsverify.installed(ctx)  # peers are checked inside the handshake
+
+
+def test_expected_server_identity_is_checked_in_the_handshake(client_cert, server_cert):
+    other = SpiffeId(namespace="shop", service_account="cache")
+    p = Pair(tls.client_context(client_cert, expected=other), tls.server_context(server_cert))
+    result = p.handshake()
+    assert isinstance(result["client"], ssl.SSLCertVerificationError)
+    assert result["server"].reason == f"SSLV3_ALERT_{tls.IDENTITY_ALERT.name}"
+    err = tls.handshake_error(p.client, result["client"])
+    assert err.kind == tls.WRONG_IDENTITY
+    assert f"server presented {SERVER.uri} but {other.uri} was expected" in str(err)
+    p = Pair(tls.client_context(client_cert, expected=SERVER), tls.server_context(server_cert))
+    assert p.handshake() == {"client": None, "server": None}
+    assert tls.verify_peer_identity(p.client, SERVER) == SERVER
 
 
 def test_wrong_server_identity_raises(client_cert, server_cert):
@@ -152,11 +167,24 @@ def test_server_checks_trust_domain(ca, server_cert):
     client = trusting(issue(other, foreign), ca.root_pem)
     server = trusting(server_cert, ca.root_pem + other.root_pem)
     p = Pair(tls.client_context(client), tls.server_context(server))
+    result = p.handshake()
+    # refused inside the handshake, with an alert (issue 12): not accepted and checked later
+    assert isinstance(result["server"], ssl.SSLCertVerificationError)
+    # TLS 1.3: the client finished first and learns of the refusal from the alert
+    with pytest.raises(ssl.SSLError) as seen:
+        p.client.read(10)
+    assert seen.value.reason == f"SSLV3_ALERT_{tls.IDENTITY_ALERT.name}"
+    err = tls.handshake_error(p.server, result["server"])
+    assert err.kind == tls.FOREIGN_TRUST_DOMAIN and err.reason == "TLS_FAILURE"
+    assert "trust domain 'other.example', but this mesh is 'cluster.local'" in str(err)
+    # a server told that its mesh is other.example takes the same client
+    p = Pair(tls.client_context(client), tls.server_context(server, trust_domain="other.example"))
     assert p.handshake() == {"client": None, "server": None}
+    assert tls.peer_identity(p.server, trust_domain="other.example") == foreign
+    # and the check after the handshake still says what it always said
     with pytest.raises(tls.TlsIdentityError,
                        match="trust domain 'other.example', but this mesh is 'cluster.local'"):
         tls.peer_identity(p.server)
-    assert tls.peer_identity(p.server, trust_domain="other.example") == foreign
 
 
 def test_plugin_ca_chain_is_served(tmp_path):
