@@ -19,24 +19,37 @@ from meshcore import constants as C
 from meshcore import netns
 from fastpath.loader import NodeDatapath
 from meshlane import lab as labmod
-from slowpath import certs
+from slowpath import certs, control_client
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def running_lab(prefix: str, topology: str | None = None):
+def running_lab(prefix: str, topology: str | None = None, *, cacerts: str | None = None):
     """A lab of our own (name `<prefix><pid>`), torn down even when the test fails.
     Yields (name, {pod name: pod})."""
     name = f"{prefix}{os.getpid() % 10000}"
     try:
-        state = labmod.up(name, topology)
+        state = labmod.up(name, topology, cacerts=cacerts)
         yield name, {p["name"]: p for p in state["pods"]}
     finally:
         try:
             labmod.down(name, quiet=True)
         except Exception:
             pass
+
+
+@contextlib.contextmanager
+def operator_lab(prefix: str, topology: str, base: Path):
+    """A lab whose CA is an operator's own (tests.operator_pki, Istio `cacerts` layout
+    under `base`), so the test can issue certificates, good and bad, for outside peers
+    such as Envoy.  Yields (name, {pod name: pod}, the OperatorPki, base)."""
+    from tests.operator_pki import OperatorPki
+    pki = OperatorPki(base / "cacerts")
+    topo = base / "topology.yaml"
+    topo.write_text(topology)
+    with running_lab(prefix, str(topo), cacerts=str(pki.dir)) as (name, pods):
+        yield name, pods, pki, base
 
 
 def node_counters(lab: str, node: str) -> dict[str, int]:
@@ -256,3 +269,50 @@ def http_call(ns: str, ip: str, port: int, method: str = "GET", path: str = "/",
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
     finally:
         s.close()
+
+
+# --- plain sockets from inside a pod, and the lab's view of a pod ----------------------------
+
+def connect_from(ns: str, addr: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+    """A TCP connection made from a socket created in netns `ns`."""
+    with netns.entered(ns):
+        s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        s.connect(addr)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    """Read to EOF (a reset raises ConnectionResetError)."""
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def set_enrolled(lab: str, pod: dict, value: bool) -> None:
+    """Say in the Pod object's status whether the pod speaks HBONE (an outside peer
+    such as an Envoy brought into the mesh)."""
+    control_client.call(str(labmod.LabPaths(lab).control_socket), "set_status", kind="Pod",
+                        name=pod["name"], namespace=pod["namespace"], status={"enrolled": value})
+
+
+def ztunnel_sees(lab: str, node: str, ip: str, protocol: str) -> bool:
+    """Whether `node`'s ztunnel treats the workload at `ip` as `protocol` (HBONE|TCP)."""
+    code, body = labmod.http_get_in_netns(f"{lab}-{node}", C.PORT_ADMIN, "/config_dump")
+    assert code == 200
+    return any(w["ip"] == ip and w["protocol"] == protocol for w in json.loads(body)["workloads"])
+
+
+def wait_until(what: str, check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

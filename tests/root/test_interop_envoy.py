@@ -14,28 +14,26 @@ same root, exactly as an outside HBONE peer would be brought in.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import socket
 import threading
-import time
 import uuid
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshcore import constants as C
 from meshcore import netns
-from meshlane import lab as labmod
-from slowpath import control_client
 from slowpath import envoy_hbone as eh
 from tests.envoy_util import EnvoyProcess, requires_envoy
-from tests.root.meshtest import wait_record
+from tests.root.meshtest import (
+    connect_from,
+    operator_lab,
+    read_all,
+    set_enrolled,
+    wait_record,
+    wait_until,
+    ztunnel_sees,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -66,148 +64,13 @@ pods:
 """
 
 
-# --- the operator's PKI ----------------------------------------------------------------
-
-
-def _pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _ca_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                         crl_sign=True, encipher_only=False, decipher_only=False)
-
-
-class OperatorPki:
-    """Root -> intermediate, written as Istio `cacerts`; issues leaves like the mesh CA."""
-
-    def __init__(self, directory: Path):
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.dir = directory
-        self.root_key = ec.generate_private_key(ec.SECP256R1())
-        root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "interop-operator"),
-                               x509.NameAttribute(NameOID.COMMON_NAME, "interop root CA")])
-        root_ski = x509.SubjectKeyIdentifier.from_public_key(self.root_key.public_key())
-        self.root = (
-            x509.CertificateBuilder()
-            .subject_name(root_name).issuer_name(root_name)
-            .public_key(self.root_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_ca_usage(), critical=True)
-            .add_extension(root_ski, critical=False)
-            .sign(self.root_key, hashes.SHA256())
-        )
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "interop-operator"),
-                             x509.NameAttribute(NameOID.COMMON_NAME, "interop intermediate CA")])
-        self.ca_ski = x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key())
-        self.ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name).issuer_name(root_name)
-            .public_key(self.ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_usage(), critical=True)
-            .add_extension(self.ca_ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
-                           critical=False)
-            .sign(self.root_key, hashes.SHA256())
-        )
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "root-cert.pem").write_bytes(_pem(self.root))
-        (directory / "cert-chain.pem").write_bytes(_pem(self.ca, self.root))
-        (directory / "ca-cert.pem").write_bytes(_pem(self.ca))
-        key_path = directory / "ca-key.pem"
-        key_path.write_bytes(_key_pem(self.ca_key))
-        key_path.chmod(0o600)
-
-    @property
-    def root_file(self) -> str:
-        return str(self.dir / "root-cert.pem")
-
-    def issue(self, spiffe: str, out: Path) -> tuple[str, str]:
-        """A SPIFFE leaf from the intermediate; returns (cert file: leaf + intermediate, key file)."""
-        now = datetime.datetime.now(datetime.timezone.utc)
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(self.ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=2))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]),
-                           critical=True)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                self.ca_ski), critical=False)
-            .sign(self.ca_key, hashes.SHA256())
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        cert_file, key_file = out / "cert-chain.pem", out / "key.pem"
-        cert_file.write_bytes(_pem(leaf, self.ca))
-        key_file.write_bytes(_key_pem(key))
-        key_file.chmod(0o600)
-        return str(cert_file), str(key_file)
-
-
 # --- lab ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def interop(tmp_path_factory):
-    base = tmp_path_factory.mktemp("interop")
-    pki = OperatorPki(base / "cacerts")
-    topo = base / "topology.yaml"
-    topo.write_text(TOPOLOGY)
-    name = f"mli{os.getpid() % 10000}"
-    try:
-        state = labmod.up(name, str(topo), cacerts=str(pki.dir))
-        yield name, {p["name"]: p for p in state["pods"]}, pki, base
-    finally:
-        try:
-            labmod.down(name, quiet=True)
-        except Exception:
-            pass
-
-
-def connect_from(ns: str, addr: tuple[str, int], timeout: float = IO_TIMEOUT) -> socket.socket:
-    with netns.entered(ns):
-        s = socket.socket()
-    s.settimeout(timeout)
-    try:
-        s.connect(addr)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def read_all(s: socket.socket) -> bytes:
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
+    with operator_lab("mli", TOPOLOGY, tmp_path_factory.mktemp("interop")) as lab_:
+        yield lab_
 
 
 # --- 1: Envoy client -> our ztunnel --------------------------------------------------------
@@ -302,25 +165,6 @@ class EchoServer:
         self.sock.close()
 
 
-def _set_enrolled(lab: str, pod: dict, value: bool) -> None:
-    control_client.call(str(labmod.LabPaths(lab).control_socket), "set_status", kind="Pod",
-                        name=pod["name"], namespace=pod["namespace"], status={"enrolled": value})
-
-
-def _ztunnel_sees(lab: str, node: str, ip: str, protocol: str) -> bool:
-    code, body = labmod.http_get_in_netns(f"{lab}-{node}", C.PORT_ADMIN, "/config_dump")
-    assert code == 200
-    return any(w["ip"] == ip and w["protocol"] == protocol for w in json.loads(body)["workloads"])
-
-
-def _wait(what: str, check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_our_ztunnel_reaches_envoy_hbone_server(interop):
     lab, pods, pki, base = interop
     c1, ext = pods["client-1"], pods["ext-2"]
@@ -336,17 +180,17 @@ def test_our_ztunnel_reaches_envoy_hbone_server(interop):
         with EnvoyProcess(boot, name="hbone-server", netns=ext["netns"]) as envoy:
             assert envoy.listener_port(eh.SERVER_LISTENER) == C.PORT_HBONE
             before = envoy.stats()
-            _set_enrolled(lab, ext, True)
+            set_enrolled(lab, ext, True)
             try:
-                _wait("node1's ztunnel to treat ext-2 as HBONE",
-                      lambda: _ztunnel_sees(lab, "node1", ext["ip"], "HBONE"))
+                wait_until("node1's ztunnel to treat ext-2 as HBONE",
+                      lambda: ztunnel_sees(lab, "node1", ext["ip"], "HBONE"))
                 payload = f"ping-through-envoy-{uuid.uuid4().hex}".encode() * 50
                 with connect_from(c1["netns"], (ext["ip"], ECHO_PORT)) as s:
                     s.sendall(payload)
                     s.shutdown(socket.SHUT_WR)
                     echoed = read_all(s)
                 assert echoed == payload, (len(echoed), len(payload), envoy.log_tail())
-                _wait("the echo server to finish", lambda: payload in echo.received)
+                wait_until("the echo server to finish", lambda: payload in echo.received)
                 # Envoy, not the client, connected to the echo server
                 assert echo.peers and echo.peers[-1][0] == "127.0.0.1"
 
@@ -372,9 +216,9 @@ def test_our_ztunnel_reaches_envoy_hbone_server(interop):
                 assert delta(f"http.{eh.SERVER_LISTENER}.downstream_rq_2xx") == 1
                 assert delta(f"cluster.{eh.SERVER_FORWARD_CLUSTER}.upstream_cx_total") == 1
             finally:
-                _set_enrolled(lab, ext, False)
-            _wait("node1's ztunnel to treat ext-2 as plain TCP again",
-                  lambda: _ztunnel_sees(lab, "node1", ext["ip"], "TCP"))
+                set_enrolled(lab, ext, False)
+            wait_until("node1's ztunnel to treat ext-2 as plain TCP again",
+                  lambda: ztunnel_sees(lab, "node1", ext["ip"], "TCP"))
         assert envoy.proc is not None and envoy.proc.poll() is not None
     finally:
         echo.close()
