@@ -734,6 +734,12 @@ class HboneLink(asyncio.BufferedProtocol):
             return max(0, 1 - self.load)
         return max(0, min(C.POOL_MAX_STREAMS_PER_CONN - self.load, self.codec.stream_capacity))
 
+    @property
+    def refuses_streams(self) -> bool:
+        """The live peer's SETTINGS allow no stream at all (MAX_CONCURRENT_STREAMS 0)."""
+        return (not self.dead and self.codec.peer_settings_seen
+                and self.codec.h2_connection.remote_settings.max_concurrent_streams == 0)
+
     def start_open(self, authority: str, headers: list[tuple[str, str]]) -> tuple[int, asyncio.Future]:
         """Client side: send CONNECT now (the stream slot is taken before the caller
         awaits anything) and return (stream id, future of the answer).  The future
@@ -746,6 +752,7 @@ class HboneLink(asyncio.BufferedProtocol):
                 raise StreamRetry(str(exc)) from None
             raise
         fut = asyncio.get_event_loop().create_future()
+        fut.add_done_callback(_consume_exception)   # a caller that gave up reads no answer
         self.pending_open[sid] = fut
         self.flush()
         return sid, fut

@@ -393,6 +393,10 @@ class Ztunnel:
             for link in links:
                 if link.capacity > 0:
                     return link
+            if any(link.refuses_streams for link in links):
+                # more connections would not help: do not dial until the deadline
+                raise ConnectionError(f"HBONE peer {target.ip}:{C.PORT_HBONE} ({target.uid}) allows "
+                                      "no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)")
             remaining = deadline - self.loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no HBONE stream slot to {target.ip}:{C.PORT_HBONE} ({target.uid}) "

@@ -310,6 +310,19 @@ def test_capacity_follows_the_peers_stream_limit_and_refusals(pki):
     asyncio.run(main())
 
 
+def test_a_peer_allowing_no_streams_is_recognised(pki):
+    """MAX_CONCURRENT_STREAMS 0: the pool must not dial connection after connection."""
+    async def main():
+        srv, port, peers = await raw_server(pki, max_streams=0)
+        link = await dial(pki, port)
+        assert await asyncio.wait_for(link.settings_seen, IO) == 0
+        assert link.capacity == 0 and link.refuses_streams
+        link.close()
+        assert not link.refuses_streams
+        srv.close()
+    asyncio.run(main())
+
+
 def test_pipe_carries_a_reset_across_after_the_bytes(pki):
     """Plain TCP (passthrough, plaintext inbound): a reset on one side reaches the other
     as a reset, after every byte the pipe took from the reset side, even when the other
